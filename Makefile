@@ -1,0 +1,24 @@
+# Quick start:  make serve   (install, convert SmolLM2 once, serve with the default patches)
+#               make test    (install, then the whole test suite)
+PY := .venv/bin/python
+export OMP_NUM_THREADS ?= 2
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: install serve test test-fast lint bench
+
+install:
+	./scripts/install.sh
+
+serve: install
+	.venv/bin/safepatch serve
+
+test: install
+	$(PY) -m ruff check app tests bench
+	$(PY) -m pytest -q -m "not container"
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not container"
+
+lint: install
+	$(PY) -m ruff check app tests bench
+	$(PY) -m ruff format --check app tests bench

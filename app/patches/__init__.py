@@ -1,0 +1,1 @@
+"""Safety patches: LoRA adapters with SafePatch metadata, validation and exact stacking."""

@@ -1,0 +1,41 @@
+"""SafePatch metadata stored beside a PEFT adapter as `safepatch.json`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+METADATA_FILE = "safepatch.json"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class PatchMetadata(BaseModel):
+    name: str
+    description: str = ""
+    categories: list[str] = Field(default_factory=list)
+    base_model: dict[str, str] = Field(default_factory=dict)  # app.model.identity.model_identity
+    rank: int
+    target_modules: list[str]
+    weights_sha256: str
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    training: dict[str, Any] | None = None  # hyper-parameters, data hash, command, time
+    evaluation: dict[str, Any] | None = None  # latest `safepatch eval` report for this patch
+
+    def write(self, adapter_dir: Path) -> None:
+        (adapter_dir / METADATA_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, adapter_dir: Path) -> PatchMetadata | None:
+        path = adapter_dir / METADATA_FILE
+        return cls.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def weights_sha256(adapter_dir: Path) -> str:
+    return hashlib.sha256((adapter_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
