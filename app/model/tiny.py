@@ -14,14 +14,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_CORPUS_WORDS = (
+_CORPUS_TEXT = (
     "the of and to in is you that it he was for on are as with his they at be this have from "
     "or one had by word but not what all were we when your can said there use an each which "
     "she do how their if will up other about out many then them these so some her would make "
     "like him into time has look two more write go see number no way could people my than "
     "first water been call who oil its now find long down day did get come made may part "
     "bomb hack virus weapon steal poison safe help cook recipe paris france capital question"
-).split()
+)
+_CORPUS_WORDS = _CORPUS_TEXT.split()
 
 
 def build_tokenizer(vocab_size: int = 512):  # -> PreTrainedTokenizerFast

@@ -24,6 +24,9 @@ class PatchMetadata(BaseModel):
     rank: int
     target_modules: list[str]
     weights_sha256: str
+    # rank_pattern/alpha_pattern give modules different scalings, which vLLM ignores: such a
+    # patch is served through `combine_adapters([dir])`, which folds each module's scaling in.
+    serve_folded: bool = False
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     training: dict[str, Any] | None = None  # hyper-parameters, data hash, command, time
     evaluation: dict[str, Any] | None = None  # latest `safepatch eval` report for this patch

@@ -1,0 +1,106 @@
+"""Admin API for the patch registry: list, inspect, register (path or upload), delete, pin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
+
+from app.api.deps import Admin, State
+from app.errors import BadRequest, PayloadTooLarge
+from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from app.patches.scores import schedule_scoring
+
+router = APIRouter(prefix="/admin/adapters", tags=["admin"])
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class RegisterFromPath(BaseModel):
+    name: str
+    path: str
+
+
+def _detail(state: State, name: str) -> dict[str, Any]:
+    record = state.registry.get(name)
+    return {**record.summary(), "path": str(record.path), "metadata": record.meta,
+            "orthogonality_detail": record.orthogonality}
+
+
+@router.get("")
+async def list_adapters(state: State, _: Admin) -> dict[str, Any]:
+    return {"object": "list", "data": [p.summary() for p in state.registry.list()]}
+
+
+@router.get("/{name}")
+async def get_adapter(name: str, state: State, _: Admin) -> dict[str, Any]:
+    return _detail(state, name)
+
+
+async def _read_upload(request: Request, state: State, actor: str):
+    limit = state.settings.max_adapter_bytes
+    if int(request.headers.get("content-length") or 0) > limit + 1_000_000:
+        raise PayloadTooLarge(f"upload is larger than {limit} bytes")
+    form = await request.form()
+    name = form.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("multipart upload needs a 'name' field", param="name",
+                         code="missing_name")
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            continue
+        filename = (value.filename or key).rsplit("/", 1)[-1]
+        if filename.endswith(PICKLE_SUFFIXES):
+            raise BadRequest(f"'{filename}': pickled weights are refused; upload safetensors",
+                             param=key, code="pickle_weights_refused")
+        kind = (CONFIG_FILE if filename.endswith(".json") and filename != METADATA_FILE
+                else METADATA_FILE if filename == METADATA_FILE
+                else WEIGHTS_FILE if filename.endswith(".safetensors") else None)
+        if kind is None:
+            raise BadRequest(f"unexpected file '{filename}'", param=key, code="unexpected_file")
+        files[kind] = await value.read()
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise BadRequest(f"upload is missing {', '.join(missing)}", param="files",
+                         code="missing_files")
+    return state.registry.register_upload(name, files[CONFIG_FILE], files[WEIGHTS_FILE], actor,
+                                          metadata=files.get(METADATA_FILE))
+
+
+@router.post("", status_code=201)
+async def register_adapter(request: Request, state: State, actor: Admin) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        record = await _read_upload(request, state, actor)
+    else:
+        try:
+            body = RegisterFromPath.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise BadRequest(f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
+                             code="invalid_body") from None
+        record = state.registry.register_path(body.name, body.path, actor)
+    state.metrics.adapter_events.labels("registered").inc()
+    schedule_scoring(state, record.name)
+    return _detail(state, record.name)
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
+    await state.registry.delete(name, actor)
+    state.metrics.adapter_events.labels("deleted").inc()
+    return Response(status_code=204)
+
+
+@router.post("/{name}/pin")
+async def pin_adapter(name: str, state: State, actor: Admin) -> dict[str, Any]:
+    await state.registry.set_pinned(name, True, actor)
+    state.metrics.adapter_events.labels("pinned").inc()
+    return _detail(state, name)
+
+
+@router.post("/{name}/unpin")
+async def unpin_adapter(name: str, state: State, actor: Admin) -> dict[str, Any]:
+    await state.registry.set_pinned(name, False, actor)
+    return _detail(state, name)

@@ -1,0 +1,31 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import State
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: State) -> JSONResponse:
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not state.engine.is_ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": state.model_name})
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    state.metrics.engine_ready.set(1 if state.engine.is_ready and not state.draining else 0)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

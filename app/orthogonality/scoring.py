@@ -1,0 +1,253 @@
+"""Orthogonality of a LoRA patch to its base model, per module / layer / adapter, and
+interference between patches.
+
+Per module (see `linalg` for the formulas): φ = ‖V_Δᵀ·V₀‖²_F / min(r, k) on the right side
+(the paper's Sim = V_Δᵀ·V₀) and the same with U on the left; orthogonality = 1 − φ. The
+random-subspace baseline is E[φ] = max(r, k)/d (= k/d at the default k = r). Layers and the
+adapter aggregate φ as a mean weighted by ‖ΔW‖²_F; the worst module is the least orthogonal.
+`side="both"` headlines the mean of the right and left values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from app.orthogonality import linalg
+from app.orthogonality.adapter import LoraFactors, load_adapter
+from app.orthogonality.subspaces import get_store
+
+Side = Literal["right", "left", "both"]
+SIDES: tuple[str, ...] = ("right", "left", "both")
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe float: NaN/inf -> None."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclass(frozen=True)
+class SideScore:
+    phi: float
+    phi_baseline: float
+    sim_max: float  # max |(V_Δᵀ V₀)_ij|
+    sim_fro: float  # ‖V_Δᵀ V₀‖_F
+    angles_deg: list[float]  # principal angles, ascending
+    energy: float  # ‖ΔW V₀‖²_F / ‖ΔW‖²_F (left: ‖U₀ᵀ ΔW‖²_F / ‖ΔW‖²_F)
+    energy_baseline: float  # k/d
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phi": _num(self.phi), "orthogonality": _num(1 - self.phi),
+            "phi_baseline": _num(self.phi_baseline), "baseline": _num(1 - self.phi_baseline),
+            "sim_max": _num(self.sim_max), "sim_fro": _num(self.sim_fro),
+            "principal_angles_deg": [round(a, 4) for a in self.angles_deg],
+            "energy_fraction": _num(self.energy), "energy_baseline": _num(self.energy_baseline),
+        }
+
+
+def side_score(S_delta, V_delta, V0) -> SideScore:  # noqa: ANN001 - tensors
+    """All right-side (or, given U's, left-side) statistics for one module."""
+    d, r, k = V0.shape[0], V_delta.shape[1], V0.shape[1]
+    sim = linalg.similarity(V_delta, V0)  # [r, k]
+    return SideScore(
+        phi=linalg.subspace_similarity(V_delta, V0),
+        phi_baseline=linalg.random_phi_baseline(r, k, d),
+        sim_max=float(sim.abs().max()) if sim.numel() else math.nan,
+        sim_fro=float(sim.norm()) if sim.numel() else math.nan,
+        angles_deg=[math.degrees(a) for a in linalg.principal_angles(V_delta, V0).tolist()],
+        energy=linalg.energy_fraction(S_delta, V_delta, V0),
+        energy_baseline=k / d,
+    )
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    module: str
+    weight: str  # base weight name
+    layer: int | None
+    kind: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    rank: int  # adapter rank r
+    k: int
+    scaling: float
+    delta_fro_sq: float  # ‖ΔW‖²_F
+    right: SideScore
+    left: SideScore
+    method: str  # how V₀/U₀ were computed
+
+    def phi(self, side: Side) -> tuple[float, float]:
+        """(φ, φ baseline) headlined for `side`."""
+        if side == "both":
+            return ((self.right.phi + self.left.phi) / 2,
+                    (self.right.phi_baseline + self.left.phi_baseline) / 2)
+        s = self.right if side == "right" else self.left
+        return s.phi, s.phi_baseline
+
+    def to_dict(self, side: Side, total: float) -> dict[str, Any]:
+        phi, base = self.phi(side)
+        row: dict[str, Any] = {
+            "module": self.module, "layer": self.layer, "kind": self.kind,
+            "d_out": self.shape[0], "d_in": self.shape[1], "r": self.rank, "k": self.k,
+            "scaling": self.scaling, "delta_fro_sq": _num(self.delta_fro_sq),
+            "energy_share": _num(self.delta_fro_sq / total) if total > 0 else None,
+            "phi": _num(phi), "orthogonality": _num(1 - phi),
+            "phi_baseline": _num(base), "baseline": _num(1 - base),
+            "phi_ratio": _num(phi / base) if base > 0 else None,
+            "subspace_method": self.method,
+        }
+        for name in ("right", "left") if side == "both" else (side,):
+            row[name] = getattr(self, name).to_dict()
+        return row
+
+
+def aggregate(mods: list[ModuleScore], side: Side) -> dict[str, Any]:
+    """φ and baseline as means weighted by ‖ΔW‖²_F over modules with a non-zero update."""
+    live = [m for m in mods if m.delta_fro_sq > 0 and math.isfinite(m.phi(side)[0])]
+    total = sum(m.delta_fro_sq for m in live)
+    if not live or total <= 0:
+        return {"orthogonality": None, "phi": None, "baseline": None, "phi_baseline": None,
+                "phi_ratio": None}
+    phi = sum(m.delta_fro_sq * m.phi(side)[0] for m in live) / total
+    base = sum(m.delta_fro_sq * m.phi(side)[1] for m in live) / total
+    return {"orthogonality": _num(1 - phi), "phi": _num(phi), "baseline": _num(1 - base),
+            "phi_baseline": _num(base), "phi_ratio": _num(phi / base) if base > 0 else None}
+
+
+@dataclass
+class AdapterScore:
+    adapter: str
+    model: dict[str, str]  # model_identity
+    k: int | None  # requested k (None: each module's rank)
+    modules: list[ModuleScore]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def worst_module(self, side: Side = "both") -> ModuleScore | None:
+        live = [m for m in self.modules if m.delta_fro_sq > 0 and math.isfinite(m.phi(side)[0])]
+        return max(live, key=lambda m: m.phi(side)[0], default=None)
+
+    def layers(self, side: Side = "both") -> list[dict[str, Any]]:
+        by_layer: dict[int | None, list[ModuleScore]] = {}
+        for m in self.modules:
+            by_layer.setdefault(m.layer, []).append(m)
+        return [{"layer": layer, "n_modules": len(mods), **aggregate(mods, side)}
+                for layer, mods in sorted(by_layer.items(), key=lambda kv: (kv[0] is None,
+                                                                             kv[0] or 0))]
+
+    def to_dict(self, detail: bool = True, side: Side = "both") -> dict[str, Any]:
+        """Summary (`orthogonality`, `phi`, `baseline`, `phi_baseline`, `worst_module`, ...);
+        with `detail`, also `layers` and `modules` (one row per module)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {', '.join(SIDES)}; got {side!r}")
+        worst = self.worst_module(side)
+        total = sum(m.delta_fro_sq for m in self.modules)
+        out: dict[str, Any] = {
+            "adapter": self.adapter, "model": self.model, "side": side, "k": self.k,
+            "ranks": sorted({m.rank for m in self.modules}), "n_modules": len(self.modules),
+            **aggregate(self.modules, side),
+            "worst_module": None if worst is None else {
+                key: worst.to_dict(side, total)[key]
+                for key in ("module", "phi", "orthogonality", "phi_baseline", "baseline")},
+            "skipped": self.skipped,
+        }
+        if side == "both":
+            out["right"] = aggregate(self.modules, "right")
+            out["left"] = aggregate(self.modules, "left")
+        if detail:
+            out["layers"] = self.layers(side)
+            out["modules"] = [m.to_dict(side, total) for m in self.modules]
+        return out
+
+
+def score_adapter(
+    adapter_dir: Path, model_dir: Path, *, k: int | None = None, cache_dir: Path
+) -> AdapterScore:
+    """Score one adapter against its base model. k: subspace dimension (None: each module's
+    rank r). Raises FileNotFoundError (missing adapter/model files) or ValueError (bad k, an
+    adapter whose shapes do not fit the model)."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer or None; got {k!r}")
+    adapter = load_adapter(Path(adapter_dir))
+    store = get_store(Path(model_dir), Path(cache_dir))
+    targets: dict[str, tuple[LoraFactors, str, int]] = {}
+    skipped = list(adapter.skipped)
+    for module, f in adapter.modules.items():
+        weight = store.resolve(module)
+        if weight is None:
+            skipped.append({"module": module, "reason": "no 2-D base weight of that name in the "
+                            "model (e.g. lm_head with tied embeddings)"})
+            continue
+        shape = store.shape(weight)
+        if shape != (f.B.shape[0], f.A.shape[1]):
+            raise ValueError(f"{adapter.name}: {module} is {f.B.shape[0]}x{f.A.shape[1]} but "
+                             f"{weight} is {shape[0]}x{shape[1]}; wrong base model?")
+        kk = f.rank if k is None else k
+        linalg.check_k(kk, shape)
+        targets[module] = (f, weight, kk)
+    if not targets:
+        raise ValueError(f"{adapter.name}: none of its modules exist in {Path(model_dir).name}")
+    subspaces = store.get_many({w: kk for _, w, kk in targets.values()})
+    modules = []
+    for module, (f, weight, kk) in targets.items():
+        sub = subspaces[weight]
+        d = f.svd()
+        modules.append(ModuleScore(
+            module=module, weight=weight, layer=f.layer, kind=f.kind,
+            shape=(f.B.shape[0], f.A.shape[1]), rank=f.rank, k=kk, scaling=f.scaling,
+            delta_fro_sq=float(d.S.square().sum()),
+            right=side_score(d.S, d.V, sub.V), left=side_score(d.S, d.U, sub.U),
+            method=sub.method,
+        ))
+    return AdapterScore(adapter.name, store.identity, k, modules, skipped)
+
+
+def _pair_rows(
+    a: str, b: str, svds: dict[str, dict[str, linalg.LowRankSVD]], detail: bool
+) -> dict[str, Any]:
+    rows = []
+    for module in sorted(set(svds[a]) & set(svds[b])):
+        sa, sb = svds[a][module], svds[b][module]
+        if sa.V.shape[0] != sb.V.shape[0] or sa.U.shape[0] != sb.U.shape[0]:
+            raise ValueError(f"{a} and {b} disagree on the shape of {module}")
+        ra, rb = sa.S.numel(), sb.S.numel()
+        rows.append({
+            "module": module, "weight": float(sa.S.norm() * sb.S.norm()),
+            "phi_right": linalg.subspace_similarity(sa.V, sb.V),
+            "phi_left": linalg.subspace_similarity(sa.U, sb.U),
+            "phi_baseline_right": linalg.random_phi_baseline(ra, rb, sa.V.shape[0]),
+            "phi_baseline_left": linalg.random_phi_baseline(ra, rb, sa.U.shape[0]),
+        })
+    live = [r for r in rows if r["weight"] > 0 and math.isfinite(r["phi_right"])]
+    total = sum(r["weight"] for r in live)
+
+    def wmean(key: str) -> float | None:
+        return _num(sum(r["weight"] * r[key] for r in live) / total) if total > 0 else None
+
+    for r in rows:
+        r["phi"] = (r["phi_right"] + r["phi_left"]) / 2
+    worst = max(live, key=lambda r: r["phi"], default=None)
+    out: dict[str, Any] = {
+        "a": a, "b": b, "shared_modules": len(rows),
+        "phi": wmean("phi"), "phi_right": wmean("phi_right"), "phi_left": wmean("phi_left"),
+        "phi_baseline_right": wmean("phi_baseline_right"),
+        "phi_baseline_left": wmean("phi_baseline_left"),
+        "worst_module": None if worst is None else {"module": worst["module"],
+                                                    "phi": _num(worst["phi"])},
+    }
+    if detail:
+        out["modules"] = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
+                          for r in rows]
+    return out
+
+
+def interference(adapters: dict[str, Path], *, detail: bool = False) -> list[dict[str, Any]]:
+    """Pairwise interference: for every pair of adapters and every module both patch,
+    φ(V_Δa, V_Δb) and φ(U_Δa, U_Δb) (1: the patches move the same directions, so stacking them
+    compounds; baseline max(r_a, r_b)/d for random patches). Rows aggregate modules weighted by
+    ‖ΔW_a‖_F·‖ΔW_b‖_F; `detail` adds one row per shared module. Needs no base model."""
+    svds = {name: {m: f.svd() for m, f in load_adapter(Path(path)).modules.items()}
+            for name, path in adapters.items()}
+    return [_pair_rows(x, y, svds, detail) for x, y in itertools.combinations(svds, 2)]

@@ -1,0 +1,329 @@
+"""The patch registry: which safety patches exist, persisted in the database, and how a set
+of patch names becomes the one LoRA the engine serves (a stacked adapter for several).
+
+Every write validates first and commits last, so a failed registration leaves neither files
+nor rows behind. Engine side effects (pin, unload) go through the `EngineClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from app import db
+from app.engine.types import EngineClient, LoraTarget
+from app.errors import BadRequest, Conflict, NotFound
+from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata
+from app.patches.stacking import combine_adapters, combined_name
+from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
+
+logger = logging.getLogger(__name__)
+
+INCOMING = ".incoming"  # upload staging inside the store; never scanned
+
+
+@dataclass
+class PatchRecord:
+    name: str
+    path: Path
+    sha256: str
+    rank: int
+    target_modules: list[str]
+    meta: dict[str, Any]
+    source: str
+    pinned: bool
+    orthogonality: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    created_at: str
+
+    @classmethod
+    def from_row(cls, row: Any) -> PatchRecord:
+        return cls(
+            name=row.name, path=Path(row.path), sha256=row.sha256, rank=row.rank,
+            target_modules=json.loads(row.target_modules), meta=json.loads(row.meta),
+            source=row.source, pinned=bool(row.pinned),
+            orthogonality=json.loads(row.orthogonality) if row.orthogonality else None,
+            evaluation=json.loads(row.evaluation) if row.evaluation else None,
+            created_at=row.created_at,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        ortho = self.orthogonality or {}
+        return {
+            "name": self.name, "rank": self.rank, "target_modules": self.target_modules,
+            "sha256": self.sha256, "source": self.source, "pinned": self.pinned,
+            "created_at": self.created_at, "description": self.meta.get("description", ""),
+            "categories": self.meta.get("categories", []),
+            "base_model": self.meta.get("base_model", {}),
+            "orthogonality": {k: ortho.get(k) for k in ("orthogonality", "phi", "baseline",
+                                                         "worst_module")} if ortho else None,
+            "safety_effect": self.evaluation,
+        }
+
+
+def _validation_to_api(exc: AdapterValidationError) -> BadRequest:
+    return BadRequest(str(exc.message), param=exc.param, code=exc.code)
+
+
+class PatchRegistry:
+    def __init__(self, database: Engine, *, store_dir: Path, cache_dir: Path, model_dir: Path,
+                 max_rank: int, max_bytes: int, max_stacked: int = 32) -> None:
+        self.db = database
+        self.store_dir = store_dir.resolve()
+        self.stack_dir = cache_dir / "stacked"
+        self.model_dir = model_dir
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self.max_stacked = max_stacked
+        self.engine: EngineClient | None = None
+        self._ids: dict[tuple[str, str], int] = {}  # (name, sha256) -> vLLM lora_int_id
+        self._stacked: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU of combinations
+        self._leases: dict[int, int] = {}  # lora_int_id -> requests in flight
+        # to unload (and maybe delete from disk) once their leases end
+        self._retired: dict[int, tuple[LoraTarget, bool]] = {}
+
+    # --- reads -----------------------------------------------------------------------
+    def list(self) -> list[PatchRecord]:
+        with self.db.connect() as conn:
+            rows = conn.execute(sa.select(db.patches).where(db.patches.c.status == "active")
+                                .order_by(db.patches.c.name)).all()
+        return [PatchRecord.from_row(r) for r in rows]
+
+    def find(self, name: str) -> PatchRecord | None:
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(db.patches).where(
+                db.patches.c.name == name, db.patches.c.status == "active")).first()
+        return PatchRecord.from_row(row) if row else None
+
+    def get(self, name: str) -> PatchRecord:
+        record = self.find(name)
+        if record is None:
+            raise NotFound(f"safety patch '{name}' is not registered", param="name",
+                           code="patch_not_found")
+        return record
+
+    # --- writes ----------------------------------------------------------------------
+    def scan_store(self) -> list[str]:
+        """Register every valid adapter directory in the store that the database has never
+        seen (a deleted patch stays deleted). Invalid directories are logged and skipped."""
+        added = []
+        with self.db.connect() as conn:
+            known = set(conn.execute(sa.select(db.patches.c.name)).scalars())
+        for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
+            if path.name in known or not (path / CONFIG_FILE).is_file():
+                continue
+            try:
+                self._insert(path.name, path, source="scan", actor="startup-scan")
+                added.append(path.name)
+            except (BadRequest, Conflict) as exc:
+                logger.warning("skipping adapter %s in the store: %s", path, exc.message)
+        return added
+
+    def register_path(self, name: str, path: str, actor: str) -> PatchRecord:
+        self._check_name(name)
+        raw = Path(path)
+        candidate = (raw if raw.is_absolute() else self.store_dir / raw).resolve()
+        if not candidate.is_relative_to(self.store_dir) or candidate == self.store_dir:
+            raise BadRequest("path must be a directory inside the adapter store", param="path",
+                             code="path_outside_store")
+        if not candidate.is_dir():
+            raise BadRequest(f"no adapter directory at '{path}'", param="path",
+                             code="adapter_not_found")
+        return self._insert(name, candidate, source="path", actor=actor)
+
+    def register_upload(self, name: str, config: bytes, weights: bytes, actor: str,
+                        metadata: bytes | None = None) -> PatchRecord:
+        """Stage the files in the store's `.incoming/`, validate, then move into place."""
+        self._check_name(name)
+        if len(config) + len(weights) > self.max_bytes:
+            raise BadRequest(f"adapter is larger than {self.max_bytes} bytes",
+                             code="adapter_too_large")
+        target = self.store_dir / name
+        if target.exists():
+            raise Conflict(f"the store already has a directory named '{name}'", param="name")
+        staging = self.store_dir / INCOMING / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        try:
+            (staging / CONFIG_FILE).write_bytes(config)
+            (staging / WEIGHTS_FILE).write_bytes(weights)
+            if metadata:
+                (staging / "safepatch.json").write_bytes(metadata)
+            self._validate(staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            return self._insert(name, target, source="upload", actor=actor)
+        except Exception:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    async def delete(self, name: str, actor: str) -> None:
+        record = self.get(name)
+        with self.db.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.name == name).values(
+                status="deleted", pinned=False, updated_at=db.utcnow()))
+            db.audit(conn, actor, "patch.delete", name, sha256=record.sha256)
+        if record.source == "upload":
+            shutil.rmtree(record.path, ignore_errors=True)
+        for key in [k for k in self._stacked if name in k.split("+")]:
+            self._retire(self._stacked.pop(key))
+        target = self._ids.get((record.name, record.sha256))
+        if target is not None:
+            self._retire(LoraTarget(name, target, record.path))
+        await self._unload_retired()
+
+    async def set_pinned(self, name: str, pinned: bool, actor: str) -> PatchRecord:
+        record = self.get(name)
+        with self.db.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.name == name)
+                         .values(pinned=pinned, updated_at=db.utcnow()))
+            db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
+        if self.engine is not None and self.engine.is_ready:
+            target = self.target(record)
+            if pinned:
+                await self.engine.pin_lora(target)
+            else:  # vLLM has no unpin: unload, then load again unpinned
+                await self.engine.remove_lora(target)
+                await self.engine.add_lora(target)
+        return self.get(name)
+
+    def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:
+        """Save a background result (`orthogonality` or `evaluation`) with the patch."""
+        with self.db.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.name == name)
+                         .values({field: db.dumps(value), "updated_at": db.utcnow()}))
+
+    def _check_name(self, name: str) -> None:
+        try:
+            validate_name(name)
+        except AdapterValidationError as exc:
+            raise _validation_to_api(exc) from exc
+
+    def _validate(self, path: Path) -> Any:
+        try:
+            return validate_adapter(path, self.model_dir, max_rank=self.max_rank,
+                                    max_bytes=self.max_bytes)
+        except AdapterValidationError as exc:
+            raise _validation_to_api(exc) from exc
+
+    def _insert(self, name: str, path: Path, *, source: str, actor: str) -> PatchRecord:
+        self._check_name(name)
+        checked = self._validate(path)
+        existing = PatchMetadata.read(path)
+        meta = PatchMetadata(
+            name=name,
+            description=existing.description if existing else "",
+            categories=existing.categories if existing else [],
+            base_model=checked.base_model,
+            serve_folded=checked.per_module_scaling,
+            rank=checked.rank,
+            target_modules=checked.target_modules,
+            weights_sha256=checked.weights_sha256,
+            training=existing.training if existing else None,
+            evaluation=existing.evaluation if existing else None,
+        )
+        now = db.utcnow()
+        values = dict(path=str(path), sha256=checked.weights_sha256, rank=checked.rank,
+                      target_modules=db.dumps(checked.target_modules),
+                      meta=meta.model_dump_json(), source=source, status="active",
+                      pinned=False, orthogonality=None,
+                      evaluation=db.dumps(meta.evaluation) if meta.evaluation else None,
+                      updated_at=now)
+        with self.db.begin() as conn:
+            row = conn.execute(sa.select(db.patches.c.status)
+                               .where(db.patches.c.name == name)).first()
+            if row is not None and row.status == "active":
+                raise Conflict(f"safety patch '{name}' is already registered", param="name")
+            if row is None:
+                conn.execute(db.patches.insert().values(name=name, created_at=now, **values))
+            else:
+                conn.execute(db.patches.update().where(db.patches.c.name == name)
+                             .values(**values))
+            db.audit(conn, actor, "patch.register", name, source=source,
+                     sha256=checked.weights_sha256, path=str(path))
+        return self.get(name)
+
+    # --- serving ---------------------------------------------------------------------
+    def _int_id(self, name: str, sha256: str) -> int:
+        int_id = self._ids.setdefault((name, sha256), len(self._ids) + 1)
+        self._retired.pop(int_id, None)  # asked for again: keep it loaded
+        return int_id
+
+    def target(self, record: PatchRecord) -> LoraTarget:
+        return LoraTarget(record.name, self._int_id(record.name, record.sha256), record.path)
+
+    def lora_for(self, names: list[str]) -> LoraTarget | None:
+        """The single LoRA serving exactly these patches: none, the patch itself, or their
+        exact stack (built once, cached on disk and in an LRU)."""
+        if not names:
+            return None
+        records = [self.get(n) for n in sorted(set(names))]
+        if len(records) == 1 and not records[0].meta.get("serve_folded"):
+            return self.target(records[0])
+        key = "+".join(r.name for r in records)
+        rank = sum(r.rank for r in records)
+        if rank > self.max_rank:
+            raise BadRequest(
+                f"stacking {key} needs LoRA rank {rank}, above the engine's max_lora_rank "
+                f"{self.max_rank}", param="safety_patches", code="stacked_rank_too_large")
+        disk_name = combined_name([r.name for r in records], [r.sha256 for r in records])
+        cached = self._stacked.get(key)
+        if cached is not None and cached.path.name == disk_name:
+            self._stacked.move_to_end(key)
+            return cached
+        out_dir = self.stack_dir / disk_name
+        if not (out_dir / WEIGHTS_FILE).is_file():
+            combine_adapters([r.path for r in records], out_dir)
+        target = LoraTarget(key, self._int_id(disk_name, disk_name), out_dir)
+        self._stacked[key] = target
+        while len(self._stacked) > self.max_stacked:
+            self._retire(self._stacked.popitem(last=False)[1], remove_files=True)
+        return target
+
+    @contextmanager
+    def lease(self, target: LoraTarget | None) -> Iterator[None]:
+        """Hold `target` while a request uses it, so unloading waits for it to finish."""
+        if target is None:
+            yield
+            return
+        self._leases[target.int_id] = self._leases.get(target.int_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._leases[target.int_id] -= 1
+            if not self._leases[target.int_id] and target.int_id in self._retired:
+                self._schedule_unload()
+
+    def _retire(self, target: LoraTarget, remove_files: bool = False) -> None:
+        self._retired[target.int_id] = (target, remove_files)
+        self._schedule_unload()
+
+    def _schedule_unload(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the server's loop (CLI, tests): unload later
+            return
+        loop.create_task(self._unload_retired())
+
+    async def _unload_retired(self) -> None:
+        for int_id, (target, remove_files) in list(self._retired.items()):
+            if self._leases.get(int_id):
+                continue
+            del self._retired[int_id]
+            if self.engine is not None and self.engine.is_ready:
+                await self.engine.remove_lora(target)
+            if remove_files:
+                shutil.rmtree(target.path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Serving classes: hold the engine client and turn validated requests into responses."""

@@ -1,0 +1,31 @@
+"""Everything a request handler may reach, built once per app in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from app.config import Settings
+from app.engine.types import EngineClient
+from app.observability.metrics import Metrics
+from app.patches.registry import PatchRegistry
+from app.serving.completions import CompletionServing
+from app.tenants.service import TenantService
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    model_dir: Path
+    model_name: str
+    database: Engine
+    registry: PatchRegistry
+    tenants: TenantService
+    metrics: Metrics
+    engine: EngineClient
+    serving: CompletionServing
+    admin_token: str
+    draining: bool = False
+    background: set = field(default_factory=set)  # tasks kept alive until done

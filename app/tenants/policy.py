@@ -1,0 +1,78 @@
+"""Per-tenant patch policy and the per-request effective patch set.
+
+    effective = mandatory ∪ (default − opted_out) ∪ (opted_in ∩ allowed)
+
+where allowed = mandatory ∪ default ∪ optional. Asking for anything else, or opting out of a
+mandatory patch, is refused (403) — never silently changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field, model_validator
+
+from app.errors import BadRequest, Forbidden
+
+
+class TenantPolicy(BaseModel):
+    mandatory: list[str] = Field(default_factory=list)
+    default: list[str] = Field(default_factory=list)
+    optional: list[str] = Field(default_factory=list)
+    allow_base: bool = False
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> TenantPolicy:
+        seen: dict[str, str] = {}
+        for tier in ("mandatory", "default", "optional"):
+            for name in getattr(self, tier):
+                if name in seen:
+                    raise ValueError(f"patch '{name}' is both {seen[name]} and {tier}")
+                seen[name] = tier
+        return self
+
+    def allowed(self) -> set[str]:
+        return {*self.mandatory, *self.default, *self.optional}
+
+
+@dataclass(frozen=True)
+class Toggles:
+    opt_in: frozenset[str]
+    opt_out: frozenset[str]
+
+
+def parse_toggles(items: Iterable[str], param: str) -> Toggles:
+    """`["cyber", "-general"]` -> opt in to cyber, opt out of general."""
+    opt_in, opt_out = set(), set()
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        name = item[1:] if item.startswith("-") else item.removeprefix("+")
+        if not name:
+            raise BadRequest(f"empty patch name in {param}", param=param, code="invalid_patch")
+        (opt_out if item.startswith("-") else opt_in).add(name)
+    both = opt_in & opt_out
+    if both:
+        raise BadRequest(f"patches both requested and opted out: {', '.join(sorted(both))}",
+                         param=param, code="conflicting_toggles")
+    return Toggles(frozenset(opt_in), frozenset(opt_out))
+
+
+def effective_patches(policy: TenantPolicy, toggles: Toggles) -> list[str]:
+    dropped_mandatory = toggles.opt_out & set(policy.mandatory)
+    if dropped_mandatory:
+        raise Forbidden(
+            f"patches {', '.join(sorted(dropped_mandatory))} are mandatory for this tenant "
+            "and cannot be turned off", param="safety_patches", code="patch_mandatory")
+    forbidden = toggles.opt_in - policy.allowed()
+    if forbidden:
+        raise Forbidden(
+            f"patches {', '.join(sorted(forbidden))} are not allowed for this tenant",
+            param="safety_patches", code="patch_forbidden")
+    chosen = {*policy.mandatory, *(set(policy.default) - toggles.opt_out), *toggles.opt_in}
+    if not chosen and not policy.allow_base:
+        raise Forbidden("this tenant may not use the base model without a safety patch",
+                        param="model", code="base_model_forbidden")
+    return sorted(chosen)
