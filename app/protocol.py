@@ -25,6 +25,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    return_token_ids: bool = Field(
+        default=False, description="vLLM extension: include the generated token ids")
     safety_patches: list[str] | None = Field(
         default=None,
         description="SafePatch extension: patch names to apply; '-name' opts out of a default.",
@@ -97,6 +99,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -135,6 +138,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None = None
     logprobs: None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

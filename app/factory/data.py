@@ -39,7 +39,8 @@ CATEGORIES: dict[str, str] = {
     "cyber": (
         r"\bhack|malware|ransomware|\bvirus|\bworm\b|trojan|keylogger|botnet|spyware|rootkit"
         r"|backdoor|exploit(s|ing)? (a |the )?(vulnerab|software|system|security)|vulnerabilit"
-        r"|cyber(?!.?bully)|ddos|denial.of.service|phishing|sql injection|crack(ing)? (passwords?|software)"
+        r"|cyber(?!.?bully)|ddos|denial.of.service|phishing|sql injection"
+        r"|crack(ing)? (passwords?|software)"
         r"|password|firewall|unauthori[sz]ed access|bypass(ing)? security|digital rights management"
         r"|(from|into|on|infect) (a |the )?(user's |someone's |their |people's )?computers?\b"
         r"|malicious|webcam|login credentials|\bdatabase|users?'? devices"

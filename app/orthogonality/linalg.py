@@ -36,7 +36,7 @@ class LowRankSVD(NamedTuple):
 
 
 def lora_delta_svd(
-    B: torch.Tensor, A: torch.Tensor, scaling: float, *, rtol: float = 1e-10
+    B: torch.Tensor, A: torch.Tensor, scaling: float, *, rtol: float = 1e-6
 ) -> LowRankSVD:
     """Exact thin SVD of ΔW = s·B·A without forming the d_out × d_in matrix.
 
@@ -44,8 +44,9 @@ def lora_delta_svd(
     ΔW = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ. The SVD of the r × r core, s·R_B·R_Aᵀ = U_c·Σ·V_cᵀ, gives
     U_Δ = Q_B·U_c, V_Δ = Q_A·V_c, singular values Σ. Cost O((d_out + d_in)·r²).
 
-    Singular values below `rtol`·σ₁ are dropped (their vectors span an arbitrary part of the
-    column spaces, not directions ΔW acts on), so the result has the numerical rank of ΔW,
+    Singular values below `rtol`·σ₁ are dropped: with fp32 factors they are round-off of a
+    rank-deficient update, and their vectors (an arbitrary part of the column spaces, not
+    directions ΔW acts on) would count fully in φ. The result has the numerical rank of ΔW,
     possibly 0 (an untrained adapter with B = 0). Computed in fp64.
     """
     if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:

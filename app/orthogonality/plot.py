@@ -26,6 +26,7 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -62,10 +63,13 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
     ax_mod.set_xlabel("layer")
     for ax in (ax_layer, ax_mod):
         ax.set_yscale("logit")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.6g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
-    ax_layer.legend(loc="lower left", fontsize="small")
+    ax_layer.legend(loc="best", fontsize="small")
     if kinds:
-        ax_mod.legend(loc="lower left", fontsize="small", ncol=min(len(kinds), 7),
+        ax_mod.legend(loc="best", fontsize="small", ncol=min(len(kinds), 7),
                       title="module (dashed: baseline)", title_fontsize="small")
     fig.savefig(out_png, dpi=100)
     return out_png

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
 from app.state import AppState
 
 logger = logging.getLogger(__name__)
-_one_at_a_time = asyncio.Lock()
+# One lock per event loop: a module-level asyncio.Lock binds to the first loop that waits on
+# it, and every later loop (a second app in one process, tests) then fails with RuntimeError.
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary())
+
+
+def _one_at_a_time() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
 
 
 async def compute_score(state: AppState, name: str, k: int | None = None) -> Any:
@@ -18,7 +30,7 @@ async def compute_score(state: AppState, name: str, k: int | None = None) -> Any
     from app.orthogonality.scoring import score_adapter
 
     record = state.registry.get(name)
-    async with _one_at_a_time:
+    async with _one_at_a_time():
         return await asyncio.to_thread(score_adapter, record.path, state.model_dir,
                                        k=k, cache_dir=state.settings.cache_dir)
 

@@ -47,6 +47,7 @@ class Resolved:
 @dataclass
 class _Result:
     text: str
+    token_ids: list[int]
     finish_reason: str | None
     usage: Usage
 
@@ -84,7 +85,8 @@ class CompletionServing:
         body = ChatCompletionResponse(
             id=rid, created=now(), model=req.model, usage=result.usage, safepatch=info,
             choices=[ChatChoice(message=ChatMessageOut(content=result.text),
-                                finish_reason=result.finish_reason)],
+                                finish_reason=result.finish_reason,
+                                token_ids=result.token_ids if req.return_token_ids else None)],
         )
         return self._json(body.model_dump(), who)
 
@@ -100,7 +102,9 @@ class CompletionServing:
         result = await self._collect(ids, sampling, who, rid)
         body = CompletionResponse(
             id=rid, created=now(), model=req.model, usage=result.usage, safepatch=info,
-            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason,
+                                      token_ids=result.token_ids if req.return_token_ids
+                                      else None)],
         )
         return self._json(body.model_dump(), who)
 
@@ -150,11 +154,12 @@ class CompletionServing:
 
     async def _collect(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
                        rid: str) -> _Result:
-        parts, last = [], None
+        parts, token_ids, last = [], [], None
         async for chunk in self._generate(ids, sampling, who, rid):
             parts.append(chunk.text)
+            token_ids += chunk.token_ids
             last = chunk
-        return _Result("".join(parts), last.finish_reason if last else None,
+        return _Result("".join(parts), token_ids, last.finish_reason if last else None,
                        _usage(last, len(ids)))
 
     async def _chat_events(self, ids: list[int], sampling: SamplingSpec, who: Resolved,

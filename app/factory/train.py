@@ -1,0 +1,273 @@
+"""LoRA refusal-SFT: the patch factory's trainer.
+
+Harmful prompts get a refusal from `app.factory.templates` as the assistant turn; the loss is
+cross-entropy on the response tokens only (prompt tokens are context). Modes:
+
+* `safety-only` — the paper's recipe: refusal data alone.
+* `preserving` — adds `preserve_weight ×` the mean top-k KL(base ‖ patched) over the base
+  model's own greedy responses to *preserve* prompts (benign instructions; for a category patch
+  also requests from other categories). The targets come from the base model itself (generated
+  once, cached under `cache_dir/factory/`), so no external "general" dataset is needed.
+
+Each step draws `batch_size` refusal examples and, in preserving mode, `preserve_batch_size`
+preserve examples, cycling through seeded shuffles of each pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from app.factory.data import PromptSource, file_sha256, load_prompts, normalise
+from app.factory.preserve import (
+    GreedyTarget,
+    chat_prompt_ids,
+    greedy_targets,
+    response_logprobs,
+    topk_kl,
+)
+from app.factory.templates import refusal_for
+
+Mode = Literal["safety-only", "preserving"]
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    model_dir: Path
+    out_dir: Path
+    name: str
+    harmful: list[PromptSource]
+    preserve: list[PromptSource] = field(default_factory=list)
+    mode: Mode = "preserving"
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    layers: list[int] | None = None
+    lr: float = 2e-4
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 8
+    preserve_batch_size: int = 8
+    preserve_weight: float = 1.0
+    preserve_tokens: int = 32
+    kl_top_k: int = 64
+    seed: int = 0
+    refusal_category: str | None = None
+    description: str = ""
+    categories: list[str] = field(default_factory=list)
+    command: str = ""
+    cache_dir: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    initial_loss: float  # refusal CE on a fixed probe of training examples, before training
+    final_loss: float  # the same probe after training
+    losses: list[float]
+    seconds: float
+
+
+def _refusal_examples(tokenizer: Any, prompts: Sequence[str], seed: int,
+                      category: str | None) -> list[tuple[list[int], list[int]]]:
+    eos = tokenizer.eos_token_id
+    examples = []
+    for prompt in prompts:
+        response = refusal_for(prompt, seed=seed, category=category)
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
+        examples.append((chat_prompt_ids(tokenizer, prompt), ids))
+    return examples
+
+
+def refusal_loss(model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
+                 ) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of `batch`."""
+    logprobs = response_logprobs(model, [p for p, _ in batch], [r for _, r in batch], pad_id)
+    nll = [-lp.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+           for lp, (_, r) in zip(logprobs, batch, strict=True)]
+    return torch.cat(nll).mean()
+
+
+def preserve_loss(model: Any, batch: Sequence[GreedyTarget], pad_id: int) -> torch.Tensor:
+    logprobs = response_logprobs(model, [t.prompt_ids for t in batch],
+                                 [t.response_ids for t in batch], pad_id)
+    kls = [topk_kl(t.top_logprobs, t.top_ids, lp)
+           for t, lp in zip(batch, logprobs, strict=True)]
+    return torch.cat(kls).mean()
+
+
+def _cached_targets(config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
+                    ) -> list[GreedyTarget]:
+    from app.model.identity import model_identity
+
+    key = hashlib.sha256(json.dumps([
+        model_identity(config.model_dir), file_sha256(config.model_dir / "model.safetensors")
+        if (config.model_dir / "model.safetensors").is_file() else "",
+        prompts, config.preserve_tokens, config.kl_top_k,
+    ]).encode()).hexdigest()[:24]
+    path = (config.cache_dir / "factory" / f"targets-{key}.pt") if config.cache_dir else None
+    if path is not None and path.is_file():
+        return [GreedyTarget(**item) for item in torch.load(path, weights_only=True)]
+    targets = greedy_targets(model, tokenizer, prompts, max_new_tokens=config.preserve_tokens,
+                             top_k=config.kl_top_k)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([asdict(t) for t in targets], path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return targets
+
+
+def _cycle(items: list[Any], batch: int, rng: random.Random):  # -> Iterator[list[Any]]
+    order: list[Any] = []
+    while True:
+        if len(order) < batch:
+            fresh = items[:]
+            rng.shuffle(fresh)
+            order += fresh
+        yield order[:batch]
+        order = order[batch:]
+
+
+def train_patch(config: TrainConfig) -> TrainResult:
+    """Train, then write `config.out_dir` (PEFT adapter + safepatch.json + README.md)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+
+    harmful = _dedup(p for src in config.harmful for p in load_prompts(src))
+    if not harmful:
+        raise ValueError("no harmful training prompts after filtering and splitting")
+    examples = _refusal_examples(tokenizer, harmful, config.seed, config.refusal_category)
+    targets: list[GreedyTarget] = []
+    if config.mode == "preserving":
+        preserve = _dedup(p for src in config.preserve for p in load_prompts(src))
+        if not preserve:
+            raise ValueError("preserving mode needs preserve prompts (--preserve FILE)")
+        targets = _cached_targets(config, model, tokenizer, preserve)
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                      target_modules=config.target_modules, layers_to_transform=config.layers,
+                      task_type="CAUSAL_LM", init_lora_weights=True)
+    model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps))
+    probe = examples[: min(len(examples), 16)]
+
+    model.eval()
+    with torch.no_grad():
+        initial = float(refusal_loss(model, probe, pad_id))
+    model.train()
+    harm_batches = _cycle(examples, min(config.batch_size, len(examples)), rng)
+    keep_batches = _cycle(targets, min(config.preserve_batch_size, len(targets)), rng) \
+        if targets else None
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=f"training {config.name} ({config.mode})", unit="step")
+    for _ in bar:
+        ce = refusal_loss(model, next(harm_batches), pad_id)
+        loss = ce
+        postfix = {"ce": f"{ce.item():.3f}"}
+        if keep_batches is not None:
+            kl = preserve_loss(model, next(keep_batches), pad_id)
+            loss = ce + config.preserve_weight * kl
+            postfix["kl"] = f"{kl.item():.4f}"
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+        bar.set_postfix(postfix)
+    model.eval()
+    with torch.no_grad():
+        final = float(refusal_loss(model, probe, pad_id))
+    seconds = time.monotonic() - started
+    _write_patch(config, model, steps, initial, final, seconds, len(examples), len(targets))
+    return TrainResult(config.out_dir, steps, initial, final, losses, seconds)
+
+
+def _dedup(prompts: Any) -> list[str]:
+    seen: dict[str, str] = {}
+    for prompt in prompts:
+        seen.setdefault(normalise(prompt), prompt)
+    return list(seen.values())
+
+
+def _write_patch(config: TrainConfig, model: Any, steps: int, initial: float, final: float,
+                 seconds: float, n_harmful: int, n_preserve: int) -> None:
+    from app.model.identity import model_identity
+    from app.patches.metadata import PatchMetadata, weights_sha256
+
+    identity = model_identity(config.model_dir)
+    tmp = config.out_dir.with_name(config.out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = identity["name"]  # not a machine-local path
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    data_files = sorted({str(src.path) for src in config.harmful + config.preserve})
+    training = {
+        "mode": config.mode, "rank": config.rank, "alpha": config.alpha,
+        "target_modules": config.target_modules, "layers": config.layers, "lr": config.lr,
+        "epochs": config.epochs, "steps": steps, "batch_size": config.batch_size,
+        "preserve_batch_size": config.preserve_batch_size,
+        "preserve_weight": config.preserve_weight, "preserve_tokens": config.preserve_tokens,
+        "kl_top_k": config.kl_top_k, "seed": config.seed,
+        "refusal_category": config.refusal_category,
+        "harmful_sources": [s.spec() for s in config.harmful],
+        "preserve_sources": [s.spec() for s in config.preserve] if config.mode == "preserving"
+        else [],
+        "n_harmful": n_harmful, "n_preserve": n_preserve,
+        "data_sha256": {f: file_sha256(Path(f)) for f in data_files},
+        "initial_refusal_loss": round(initial, 4), "final_refusal_loss": round(final, 4),
+        "training_seconds": round(seconds, 1), "command": config.command,
+        "torch": torch.__version__,
+    }
+    PatchMetadata(
+        name=config.name, description=config.description, categories=config.categories,
+        base_model=identity, rank=config.rank, target_modules=sorted(config.target_modules),
+        weights_sha256=weights_sha256(tmp), training=training,
+    ).write(tmp)
+    (tmp / "README.md").write_text(_readme(config, training))
+    shutil.rmtree(config.out_dir, ignore_errors=True)
+    config.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(config.out_dir)
+
+
+def _readme(config: TrainConfig, training: dict[str, Any]) -> str:
+    return (
+        f"# {config.name}\n\n{config.description or 'SafePatch LoRA safety patch.'}\n\n"
+        f"Base model: {training.get('base', config.model_dir.name)}; mode `{config.mode}`; "
+        f"rank {config.rank}, alpha {config.alpha}; {training['steps']} steps; "
+        f"{training['n_harmful']} refusal prompts, {training['n_preserve']} preserve prompts "
+        "(train split, see app/factory/data/LICENSES.md).\n\n"
+        "Reproduce (from the repository root):\n\n"
+        f"```sh\n{config.command or '(trained through the Python API)'}\n```\n\n"
+        "Hyper-parameters, data hashes and timing are in `safepatch.json` (`training`); the "
+        "latest `safepatch eval` report is in its `evaluation` field. Results: "
+        "docs/patch-results.md.\n"
+    )
