@@ -107,6 +107,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        error = APIError("internal server error", code="internal_error", status_code=500)
-        error.type = "server_error"
-        return error_response(error)
+        return internal_error_response()
+
+
+def internal_error_response() -> JSONResponse:
+    """A 500 that tells the client nothing about the internals (the log has the traceback)."""
+    error = APIError("internal server error", code="internal_error", status_code=500)
+    error.type = "server_error"
+    return error_response(error)

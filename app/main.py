@@ -17,7 +17,12 @@ from app.api.routes import admin_adapters, admin_tenants, health, openai, orthog
 from app.config import Settings
 from app.db import open_database
 from app.engine.types import EngineClient
-from app.errors import PayloadTooLarge, error_response, install_error_handlers
+from app.errors import (
+    PayloadTooLarge,
+    error_response,
+    install_error_handlers,
+    internal_error_response,
+)
 from app.observability.logging import REQUEST_ID_HEADER, request_id_var
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
@@ -134,15 +139,29 @@ def create_app(settings: Settings | None = None,
                 response = error_response(PayloadTooLarge(
                     f"request body is larger than {settings.max_request_bytes} bytes"))
             else:
-                response = await call_next(request)
+                try:
+                    response = await call_next(request)
+                except Exception:
+                    # answered here, not by the outermost handler, so that the 500 carries the
+                    # request id (in the log line too) and is counted like any other response
+                    logger.exception("unhandled error")
+                    response = internal_error_response()
             response.headers[REQUEST_ID_HEADER] = rid
             route = request.scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            tenant = getattr(request.state, "tenant", "anonymous")
+            patches = getattr(request.state, "patches", [])
+            seconds = time.perf_counter() - start
             state: AppState | None = getattr(request.app.state, "safepatch", None)
             if state is not None and request.url.path != "/metrics":
-                state.metrics.observe_request(
-                    getattr(route, "path", "unmatched"), response.status_code,
-                    getattr(request.state, "tenant", "anonymous"),
-                    getattr(request.state, "patches", []), time.perf_counter() - start)
+                state.metrics.observe_request(route_path, response.status_code, tenant, patches,
+                                              seconds)
+            # the access log: no query string, headers, body or prompt text
+            logger.info("%s %s %d", request.method, request.url.path, response.status_code,
+                        extra={"method": request.method, "route": route_path,
+                               "status": response.status_code, "tenant": tenant,
+                               "patches": ",".join(patches),
+                               "duration_ms": round(seconds * 1000, 2)})
             return response
         finally:
             request_id_var.reset(token)

@@ -25,6 +25,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    ignore_eos: bool = Field(default=False, description="vLLM extension: generate max_tokens")
     return_token_ids: bool = Field(
         default=False, description="vLLM extension: include the generated token ids")
     safety_patches: list[str] | None = Field(

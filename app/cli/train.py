@@ -61,6 +61,8 @@ def train(
     categories: Annotated[str, typer.Option(help="Comma-separated categories.")] = "",
     model: Annotated[Path | None, typer.Option(
         help="Base model directory (default: the embedded SmolLM2-135M-Instruct).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="Torch CPU threads (1 is fastest on a busy shared CPU).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         help="Write here instead of <adapters_dir>/<name>.")] = None,
 ) -> None:
@@ -86,7 +88,7 @@ def train(
         preserve_batch_size=preserve_batch_size, preserve_weight=preserve_weight,
         preserve_tokens=preserve_tokens, seed=seed, refusal_category=refusal_category,
         description=description, categories=[c for c in categories.split(",") if c],
-        command=_command(), cache_dir=settings.cache_dir,
+        command=_command(), cache_dir=settings.cache_dir, threads=threads,
     )
     result = train_patch(config)
     typer.echo(f"wrote {result.out_dir} ({result.steps} steps, {result.seconds:.0f} s); "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 
 import torch
 
@@ -78,7 +79,11 @@ _FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
 
 def register() -> bool:
     """Install the fixed ops into vLLM's torch-ops and CPU punica modules. Returns True if
-    installed (or already installed), False if this vLLM's ops differ and were left alone."""
+    installed (or already installed), False if this vLLM's ops differ and were left alone.
+    `SAFEPATCH_CPU_LORA_FIX=0` leaves vLLM untouched (to show the bug, or once upstream fixed it).
+    """
+    if os.environ.get("SAFEPATCH_CPU_LORA_FIX", "1") == "0":
+        return False
     try:
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu

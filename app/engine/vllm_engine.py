@@ -66,6 +66,7 @@ class VllmEngine:
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         completion_tokens = 0

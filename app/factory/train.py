@@ -70,6 +70,7 @@ class TrainConfig:
     categories: list[str] = field(default_factory=list)
     command: str = ""
     cache_dir: Path | None = None
+    threads: int | None = None  # torch intra-op threads; None: torch's default
 
 
 @dataclass
@@ -148,6 +149,8 @@ def train_patch(config: TrainConfig) -> TrainResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
@@ -200,7 +203,7 @@ def train_patch(config: TrainConfig) -> TrainResult:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(postfix)
     model.eval()
     with torch.no_grad():

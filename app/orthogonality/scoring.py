@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from app.orthogonality import linalg
 from app.orthogonality.adapter import LoraFactors, load_adapter
 from app.orthogonality.subspaces import get_store
@@ -49,19 +51,19 @@ class SideScore:
         }
 
 
-def side_score(S_delta, V_delta, V0) -> SideScore:  # noqa: ANN001 - tensors
-    """All right-side (or, given U's, left-side) statistics for one module."""
-    d, r, k = V0.shape[0], V_delta.shape[1], V0.shape[1]
-    sim = linalg.similarity(V_delta, V0)  # [r, k]
-    return SideScore(
-        phi=linalg.subspace_similarity(V_delta, V0),
-        phi_baseline=linalg.random_phi_baseline(r, k, d),
-        sim_max=float(sim.abs().max()) if sim.numel() else math.nan,
-        sim_fro=float(sim.norm()) if sim.numel() else math.nan,
-        angles_deg=[math.degrees(a) for a in linalg.principal_angles(V_delta, V0).tolist()],
-        energy=linalg.energy_fraction(S_delta, V_delta, V0),
-        energy_baseline=k / d,
-    )
+def _batch_side_scores(S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor, d: int
+                       ) -> list[SideScore]:
+    stats = {key: value.tolist() for key, value in
+             linalg.side_statistics(S, rank, sim).items()}
+    k = sim.shape[-1]
+    return [SideScore(
+        phi=stats["phi"][i],
+        phi_baseline=linalg.random_phi_baseline(int(r), k, d),
+        sim_max=stats["sim_max"][i] if r else math.nan,
+        sim_fro=stats["sim_fro"][i] if r else math.nan,
+        angles_deg=[math.degrees(a) for a in stats["angles"][i] if math.isfinite(a)],
+        energy=stats["energy"][i], energy_baseline=k / d,
+    ) for i, r in enumerate(rank.tolist())]
 
 
 @dataclass(frozen=True)
@@ -190,17 +192,27 @@ def score_adapter(
     if not targets:
         raise ValueError(f"{adapter.name}: none of its modules exist in {Path(model_dir).name}")
     subspaces = store.get_many({w: kk for _, w, kk in targets.values()})
-    modules = []
-    for module, (f, weight, kk) in targets.items():
-        sub = subspaces[weight]
-        d = f.svd()
-        modules.append(ModuleScore(
-            module=module, weight=weight, layer=f.layer, kind=f.kind,
-            shape=(f.B.shape[0], f.A.shape[1]), rank=f.rank, k=kk, scaling=f.scaling,
-            delta_fro_sq=float(d.S.square().sum()),
-            right=side_score(d.S, d.V, sub.V), left=side_score(d.S, d.U, sub.U),
-            method=sub.method,
-        ))
+    groups: dict[tuple[int, int, int, int], list[str]] = {}  # same shapes: one batched pass
+    for module, (f, _, kk) in targets.items():
+        groups.setdefault((f.B.shape[0], f.A.shape[1], f.rank, kk), []).append(module)
+    scored: dict[str, ModuleScore] = {}
+    for (d_out, d_in, _, _), names in groups.items():
+        facs = [targets[n][0] for n in names]
+        subs = [subspaces[targets[n][1]] for n in names]
+        proj = linalg.lora_projections(
+            torch.stack([f.B for f in facs]), torch.stack([f.A for f in facs]),
+            torch.tensor([f.scaling for f in facs]),
+            torch.stack([s.V for s in subs]), torch.stack([s.U for s in subs]))
+        rights = _batch_side_scores(proj.S, proj.rank, proj.sim_right, d_in)
+        lefts = _batch_side_scores(proj.S, proj.rank, proj.sim_left, d_out)
+        energies = proj.S.square().sum(-1).tolist()
+        for i, name in enumerate(names):
+            f, weight, kk = targets[name]
+            scored[name] = ModuleScore(
+                module=name, weight=weight, layer=f.layer, kind=f.kind, shape=(d_out, d_in),
+                rank=f.rank, k=kk, scaling=f.scaling, delta_fro_sq=energies[i],
+                right=rights[i], left=lefts[i], method=subs[i].method)
+    modules = [scored[name] for name in targets]
     return AdapterScore(adapter.name, store.identity, k, modules, skipped)
 
 

@@ -2,8 +2,9 @@
 
 `SubspaceStore(model_dir, cache_dir)` reads weights straight from the model's safetensors
 files (one open per file per batch, one tensor in memory at a time), takes the top-k SVD
-(exact for small matrices, randomized [Halko] otherwise, checked by its a-posteriori residual
-and recomputed with more power iterations or exactly when that check fails) and writes
+(exact for small matrices, otherwise randomized block Krylov, `linalg.randomized_top_k`,
+checked by its a-posteriori residual and redone with more iterations, or exactly, when that
+check fails) and writes
 `<cache_dir>/subspaces/<fingerprint>/<content>/<weight name>.k<k>.safetensors`.
 
 `fingerprint` is `app.model.identity.model_identity(model_dir)['fingerprint']` (architecture +
@@ -97,8 +98,8 @@ class SubspaceStore:
         *,
         exact_max_dim: int = 768,
         oversample: int = 10,
-        n_iter: int = 4,
-        max_n_iter: int = 16,
+        n_iter: int = 6,
+        max_n_iter: int = 12,
         residual_tol: float = 1e-2,
         memory: bool = True,
     ) -> None:
@@ -171,32 +172,23 @@ class SubspaceStore:
                 if old is None or old.k < sub.k:
                     self._memory[sub.weight] = sub
 
-    def _save(self, sub: Subspace, meta: dict[str, str]) -> None:
+    def put(self, sub: Subspace, meta: dict[str, str]) -> None:
+        """Write one subspace to the disk cache (atomically) and keep it in memory."""
         path = self.cache_path(sub.weight, sub.k)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         save_file({"U": sub.U.contiguous(), "S": sub.S.contiguous(), "V": sub.V.contiguous()},
                   str(tmp), metadata=meta)
         os.replace(tmp, path)
+        self._remember(sub)
 
     # --- computation --------------------------------------------------------------------
     def compute(self, W: torch.Tensor, k: int) -> tuple[linalg.LowRankSVD, str, float, int]:
-        """(top-k triplets, method, residual, power iterations) for one weight matrix."""
-        linalg.check_k(k, W.shape)
-        if min(W.shape) <= max(self.exact_max_dim, 2 * (k + self.oversample)):
-            return linalg.exact_top_k(W, k), "exact", 0.0, 0
-        n_iter = self.n_iter
-        while True:
-            top = linalg.randomized_top_k(W, k, oversample=self.oversample, n_iter=n_iter)
-            residual = linalg.residual_norm(W, top)
-            if residual <= self.residual_tol:
-                return top, "randomized", residual, n_iter
-            if n_iter >= self.max_n_iter:
-                break
-            n_iter = min(2 * n_iter, self.max_n_iter)
-        logger.warning("randomized SVD residual %.2e > %.0e after %d iterations on a %s weight; "
-                       "using the exact SVD", residual, self.residual_tol, n_iter, tuple(W.shape))
-        return linalg.exact_top_k(W, k), "exact", 0.0, 0
+        """(top-k triplets, method, residual, iterations) for one weight, by this store's
+        policy (see `top_k_subspace`)."""
+        return top_k_subspace(W, k, exact_max_dim=self.exact_max_dim,
+                              oversample=self.oversample, n_iter=self.n_iter,
+                              max_n_iter=self.max_n_iter, residual_tol=self.residual_tol)
 
     def get(self, weight: str, k: int) -> Subspace:
         return self.get_many({weight: k})[weight]
@@ -226,15 +218,45 @@ class SubspaceStore:
                     del W
                     sub = Subspace(weight, top.U.float().contiguous(), top.S.float(),
                                    top.V.float().contiguous(), method, residual)
-                    self._save(sub, {
+                    self.put(sub, {
                         "method": method, "residual": repr(residual), "n_iter": str(n_iter),
                         "oversample": str(self.oversample),
                         "seconds": f"{time.perf_counter() - start:.3f}",
                         "model": json.dumps(self.identity), "content": self.content,
                     })
-                    self._remember(sub)
                     out[weight] = sub
         return out
+
+
+def top_k_subspace(
+    W: torch.Tensor,
+    k: int,
+    *,
+    exact_max_dim: int = 768,
+    oversample: int = 10,
+    n_iter: int = 6,
+    max_n_iter: int = 12,
+    residual_tol: float = 1e-2,
+) -> tuple[linalg.LowRankSVD, str, float, int]:
+    """Top-k SVD of W -> (triplets, "exact" | "randomized", residual, iterations).
+
+    Exact when min(d_out, d_in) ≤ max(`exact_max_dim`, 2(k + p)); otherwise randomized block
+    Krylov, accepted when `linalg.residual_norm` ≤ `residual_tol`, else redone with twice the
+    iterations up to `max_n_iter`, then exactly (logged)."""
+    linalg.check_k(k, W.shape)
+    if min(W.shape) <= max(exact_max_dim, 2 * (k + oversample)):
+        return linalg.exact_top_k(W, k), "exact", 0.0, 0
+    while True:
+        top = linalg.randomized_top_k(W, k, oversample=oversample, n_iter=n_iter)
+        residual = linalg.residual_norm(W, top)
+        if residual <= residual_tol:
+            return top, "randomized", residual, n_iter
+        if n_iter >= max_n_iter:
+            break
+        n_iter = min(2 * n_iter, max_n_iter)
+    logger.warning("randomized SVD residual %.2e > %.0e after %d iterations on a %s weight; "
+                   "using the exact SVD", residual, residual_tol, n_iter, tuple(W.shape))
+    return linalg.exact_top_k(W, k), "exact", 0.0, 0
 
 
 def glob_escape(name: str) -> str:

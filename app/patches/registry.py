@@ -8,6 +8,7 @@ nor rows behind. Engine side effects (pin, unload) go through the `EngineClient`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -90,6 +91,7 @@ class PatchRegistry:
         self.engine: EngineClient | None = None
         self._ids: dict[tuple[str, str], int] = {}  # (name, sha256) -> vLLM lora_int_id
         self._stacked: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU of combinations
+        self._build_locks: dict[str, asyncio.Lock] = {}  # one build per combination at a time
         self._leases: dict[int, int] = {}  # lora_int_id -> requests in flight
         # to unload (and maybe delete from disk) once their leases end
         self._retired: dict[int, tuple[LoraTarget, bool]] = {}
@@ -120,9 +122,13 @@ class PatchRegistry:
         seen (a deleted patch stays deleted). Invalid directories are logged and skipped."""
         added = []
         with self.db.connect() as conn:
-            known = set(conn.execute(sa.select(db.patches.c.name)).scalars())
+            rows = conn.execute(sa.select(db.patches.c.name, db.patches.c.path)).all()
+        known = {r.name for r in rows}
+        # a directory registered (or deleted) under another name is not seen again either
+        known_paths = {str(Path(r.path).resolve()) for r in rows}
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
-            if path.name in known or not (path / CONFIG_FILE).is_file():
+            if (path.name in known or str(path.resolve()) in known_paths
+                    or not (path / CONFIG_FILE).is_file()):
                 continue
             try:
                 self._insert(path.name, path, source="scan", actor="startup-scan")
@@ -149,7 +155,7 @@ class PatchRegistry:
         self._check_name(name)
         if len(config) + len(weights) > self.max_bytes:
             raise BadRequest(f"adapter is larger than {self.max_bytes} bytes",
-                             code="adapter_too_large")
+                             code="too_large")
         target = self.store_dir / name
         if target.exists():
             raise Conflict(f"the store already has a directory named '{name}'", param="name")
@@ -164,6 +170,8 @@ class PatchRegistry:
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):  # leave no empty staging dir in the store
+                staging.parent.rmdir()
         try:
             return self._insert(name, target, source="upload", actor=actor)
         except Exception:
@@ -265,7 +273,7 @@ class PatchRegistry:
     def target(self, record: PatchRecord) -> LoraTarget:
         return LoraTarget(record.name, self._int_id(record.name, record.sha256), record.path)
 
-    def lora_for(self, names: list[str]) -> LoraTarget | None:
+    async def lora_for(self, names: list[str]) -> LoraTarget | None:
         """The single LoRA serving exactly these patches: none, the patch itself, or their
         exact stack (built once, cached on disk and in an LRU)."""
         if not names:
@@ -285,8 +293,10 @@ class PatchRegistry:
             self._stacked.move_to_end(key)
             return cached
         out_dir = self.stack_dir / disk_name
-        if not (out_dir / WEIGHTS_FILE).is_file():
-            combine_adapters([r.path for r in records], out_dir)
+        async with self._build_locks.setdefault(disk_name, asyncio.Lock()):
+            if not (out_dir / WEIGHTS_FILE).is_file():
+                await asyncio.to_thread(combine_adapters, [r.path for r in records], out_dir)
+                self._build_locks.pop(disk_name, None)
         target = LoraTarget(key, self._int_id(disk_name, disk_name), out_dir)
         self._stacked[key] = target
         while len(self._stacked) > self.max_stacked:

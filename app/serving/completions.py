@@ -116,7 +116,7 @@ class CompletionServing:
         return SamplingSpec(
             max_tokens=self.prompts.max_tokens(ids, max_tokens),
             temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            stop=tuple(req.stop or ()),
+            stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos,
         )
 
     @staticmethod

@@ -30,8 +30,8 @@ def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[s
                    code="model_not_found")
 
 
-def resolve(principal: Principal, model: str, body_patches: list[str] | None,
-            header: str | None, base_name: str, registry: PatchRegistry) -> Resolved:
+async def resolve(principal: Principal, model: str, body_patches: list[str] | None,
+                  header: str | None, base_name: str, registry: PatchRegistry) -> Resolved:
     from_model = model_patches(model, base_name, registry)
     toggles = parse_toggles([*(body_patches or []), *(header or "").split(",")],
                             param="safety_patches")
@@ -39,4 +39,5 @@ def resolve(principal: Principal, model: str, body_patches: list[str] | None,
     for name in toggles.opt_in:
         registry.get(name)  # unknown patch -> 404, before any policy answer
     patches = effective_patches(principal.policy, toggles)
-    return Resolved(tenant=principal.tenant_id, patches=patches, lora=registry.lora_for(patches))
+    lora = await registry.lora_for(patches)
+    return Resolved(tenant=principal.tenant_id, patches=patches, lora=lora)

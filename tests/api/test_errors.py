@@ -163,7 +163,7 @@ def test_request_body_over_the_limit_is_413(tiny_model: Path, store: Path,
 
 def test_engine_not_ready_is_503_then_serves(tiny_model: Path, store: Path,
                                              tmp_path: Path) -> None:
-    engine = FakeEngine(start_delay=0.5)
+    engine = FakeEngine(start_delay=1.5)
     with running_app(make_settings(tiny_model, tmp_path), engine, ready=False) as (client, _):
         headers = add_tenant(client, "early", allow_base=True)
         assert not engine.is_ready, "the engine started before the test could see it loading"

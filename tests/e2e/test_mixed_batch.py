@@ -26,7 +26,10 @@ async def _tokens(http: httpx.AsyncClient, key: str, model: str, prompt: str) ->
 
 
 def test_mixed_concurrent_batch_equals_solo(live_server, open_key) -> None:
-    jobs = [(model, prompt) for prompt in PROMPTS for model in ("tiny", "alpha", "beta")]
+    # Four distinct LoRAs fill every engine slot (max_loras=4), so a base row that wrongly
+    # read slot -1 would pick up a real adapter's delta.
+    models = ("tiny", "alpha", "beta", "gamma", "alpha+gamma")
+    jobs = [(model, prompt) for prompt in PROMPTS for model in models]
 
     async def run() -> tuple[list[list[int]], list[list[int]]]:
         async with httpx.AsyncClient(base_url=live_server.base_url, timeout=300) as http:

@@ -56,6 +56,42 @@ def test_qr_path_drops_null_directions() -> None:
         linalg.lora_delta_svd(torch.zeros(32, 4), torch.zeros(3, 48), 1.0)
 
 
+def test_batched_projections_match_the_2d_formulas() -> None:
+    """lora_projections + side_statistics (the scoring path) == lora_delta_svd + the 2-D
+    functions, including a rank-deficient and a zero update in the same batch."""
+    gen = torch.Generator().manual_seed(7)
+    n, d_out, d_in, r, k = 4, 48, 40, 6, 5
+    B = torch.randn(n, d_out, r, generator=gen, dtype=torch.float64)
+    A = torch.randn(n, r, d_in, generator=gen, dtype=torch.float64)
+    B[1, :, 5] = B[1, :, 0] - 2 * B[1, :, 2]  # rank 5
+    B[2] = 0  # untrained
+    scaling = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
+    V0 = torch.stack([_orthonormal(d_in, k, gen) for _ in range(n)])
+    U0 = torch.stack([_orthonormal(d_out, k, gen) for _ in range(n)])
+    proj = linalg.lora_projections(B, A, scaling, V0, U0)
+    assert proj.rank.tolist() == [6, 5, 0, 6]
+    right = linalg.side_statistics(proj.S, proj.rank, proj.sim_right)
+    left = linalg.side_statistics(proj.S, proj.rank, proj.sim_left)
+    for i in range(n):
+        d = linalg.lora_delta_svd(B[i], A[i], float(scaling[i]))
+        assert proj.S[i, : d.S.numel()].tolist() == pytest.approx(d.S.tolist(), rel=1e-9)
+        for stats, vecs, base in ((right, d.V, V0[i]), (left, d.U, U0[i])):
+            phi = linalg.subspace_similarity(vecs, base)
+            if math.isnan(phi):
+                assert i == 2 and math.isnan(float(stats["phi"][i]))
+                assert math.isnan(float(stats["energy"][i]))
+                continue
+            assert float(stats["phi"][i]) == pytest.approx(phi, abs=1e-12)
+            energy = linalg.energy_fraction(d.S, vecs, base)
+            assert float(stats["energy"][i]) == pytest.approx(energy, abs=1e-12)
+            angles = linalg.principal_angles(vecs, base)
+            got = stats["angles"][i][~torch.isnan(stats["angles"][i])]
+            torch.testing.assert_close(got, angles, atol=1e-7, rtol=0)
+            sim = linalg.similarity(vecs, base)
+            assert float(stats["sim_max"][i]) == pytest.approx(float(sim.abs().max()))
+            assert float(stats["sim_fro"][i]) == pytest.approx(float(sim.norm()))
+
+
 def test_phi_angles_energy_on_known_subspaces() -> None:
     gen = torch.Generator().manual_seed(1)
     d = 50
@@ -114,15 +150,18 @@ def test_randomized_top_k_matches_exact_on_decaying_spectrum(m: int, n: int, k: 
     assert linalg.residual_norm(W, exact) < 1e-5
 
 
-def test_randomized_without_power_iterations_is_worse_on_a_flat_spectrum() -> None:
+def test_block_krylov_beats_subspace_iteration_on_a_flat_spectrum() -> None:
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(400, 300, generator=gen)  # Marchenko-Pastur: no gap after σ_k
     exact = linalg.exact_top_k(W, 8, dtype=torch.float64)
     crude = linalg.randomized_top_k(W, 8, oversample=2, n_iter=0)
-    better = linalg.randomized_top_k(W, 8, oversample=10, n_iter=12)
-    assert linalg.residual_norm(W, crude) > 10 * linalg.residual_norm(W, better)
-    assert (linalg.subspace_similarity(better.V, exact.V)
-            > linalg.subspace_similarity(crude.V, exact.V) + 0.2)
+    subspace_iter = linalg.randomized_top_k(W, 8, n_iter=6, krylov=False)
+    krylov = linalg.randomized_top_k(W, 8, n_iter=6)
+    assert linalg.residual_norm(W, crude) > 10 * linalg.residual_norm(W, krylov)
+    assert linalg.residual_norm(W, subspace_iter) > 3 * linalg.residual_norm(W, krylov)
+    phi = {name: linalg.subspace_similarity(top.V, exact.V)
+           for name, top in (("crude", crude), ("iter", subspace_iter), ("krylov", krylov))}
+    assert phi["krylov"] > phi["iter"] > phi["crude"] + 0.2, phi
 
 
 @pytest.mark.parametrize("k", [0, -1, 65, 2.0, True])

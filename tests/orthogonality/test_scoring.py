@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +76,8 @@ def test_peft_written_adapter_matches_peft_delta_weight(tiny_model, tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        rank_pattern={"down_proj": 8}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+                        rank_pattern={"down_proj": 8},
+                        alpha_pattern={"layers.1.self_attn.q_proj": 3},
                         use_rslora=True, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "peft")

@@ -61,7 +61,7 @@ def start_server(root: Path, *, model: Path | None, adapters: Path, timeout: flo
         "SAFEPATCH_PORT": str(port),
         "SAFEPATCH_HOST": "127.0.0.1",
         "SAFEPATCH_ADAPTERS_DIR": str(adapters),
-        "SAFEPATCH_CACHE_DIR": str(root / "cache"),
+        "SAFEPATCH_CACHE_DIR": os.environ.get("SAFEPATCH_TEST_CACHE_DIR", str(root / "cache")),
         "SAFEPATCH_DATABASE_URL": f"sqlite:///{root / 'safepatch.db'}",
         "SAFEPATCH_ADMIN_TOKEN": ADMIN_TOKEN,
         "SAFEPATCH_MAX_MODEL_LEN": "256",

@@ -12,9 +12,9 @@ from app.tenants.access import PATCHES_HEADER, resolve
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def _resolve(state: State, caller: Caller, request: Request,
+async def _resolve(state: State, caller: Caller, request: Request,
              body: ChatCompletionRequest | CompletionRequest) -> Resolved:
-    resolved = resolve(caller, body.model, body.safety_patches,
+    resolved = await resolve(caller, body.model, body.safety_patches,
                        request.headers.get(PATCHES_HEADER), state.model_name, state.registry)
     request.state.patches = resolved.patches
     return resolved
@@ -35,9 +35,11 @@ async def list_models(state: State, caller: Caller) -> ModelList:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            caller: Caller):
-    return await state.serving.chat(body, _resolve(state, caller, request, body), request)
+    resolved = await _resolve(state, caller, request, body)
+    return await state.serving.chat(body, resolved, request)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, state: State, caller: Caller):
-    return await state.serving.complete(body, _resolve(state, caller, request, body), request)
+    resolved = await _resolve(state, caller, request, body)
+    return await state.serving.complete(body, resolved, request)

@@ -1,0 +1,211 @@
+"""Safety evaluation through the real vLLM engine.
+
+Every configuration (the base model, each patch, each stack of patches) answers every prompt
+set greedily (temperature 0, `max_tokens`) in one offline `vllm.LLM`, with prompts tokenised by
+the base tokenizer's chat template exactly as in training. Per configuration × set:
+
+* `refusal_rate` — share of responses the judge (`app.factory.judge`) calls refusals; on
+  harmful sets that is the refusal rate, on benign sets the over-refusal rate;
+* benign sets only: `unchanged_rate` — share of responses whose token ids equal the base
+  model's greedy response; `mean_kl` — KL(base ‖ config) of the next-token distributions,
+  teacher-forced on the base's greedy response, averaged over all response positions of the set
+  (token-weighted), computed with transformers + peft on the full vocabulary.
+
+Stacks are built with `app.patches.stacking.combine_adapters` (exact rank concatenation).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from app.config import Settings
+from app.factory.data import Kind
+from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
+from app.factory.preserve import chat_prompt_ids, full_kl, response_logprobs
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str  # "base", a patch name, or "a+b" for a stack
+    adapter_dir: Path | None  # None: the base model
+
+
+@dataclass
+class PromptSet:
+    name: str
+    kind: Kind
+    prompts: list[str]
+
+
+@dataclass
+class Outputs:
+    token_ids: list[list[int]]
+    texts: list[str]
+
+
+def resolve_patch(name_or_path: str, adapters_dir: Path) -> tuple[str, Path]:
+    """A patch name in `adapters_dir`, or a path to an adapter directory."""
+    candidate = Path(name_or_path)
+    if ("/" in name_or_path or name_or_path.startswith(".")) and candidate.is_dir():
+        return candidate.resolve().name, candidate.resolve()
+    path = adapters_dir / name_or_path
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no patch {name_or_path!r} in {adapters_dir}")
+    return name_or_path, path
+
+
+def build_configs(patches: Sequence[str], stacks: Sequence[str], adapters_dir: Path,
+                  work_dir: Path) -> list[EvalConfig]:
+    """Base first, then each patch, then each stack ('a+b' -> one combined adapter)."""
+    configs = [EvalConfig(BASE, None)]
+    for item in patches:
+        name, path = resolve_patch(item, adapters_dir)
+        configs.append(EvalConfig(name, path))
+    for stack in stacks:
+        members = [resolve_patch(part, adapters_dir) for part in stack.split("+") if part]
+        if len(members) < 2:
+            raise ValueError(f"a stack needs at least two patches: {stack!r}")
+        from app.patches.stacking import combine_adapters  # lazy: optional piece
+
+        name = "+".join(n for n, _ in members)
+        out = combine_adapters([p for _, p in members], work_dir / f"stack-{len(configs)}")
+        configs.append(EvalConfig(name, Path(out)))
+    if len({c.name for c in configs}) != len(configs):
+        raise ValueError("configuration names must be unique")
+    return configs
+
+
+def generate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[PromptSet],
+             max_tokens: int, settings: Settings) -> dict[tuple[str, str], Outputs]:
+    """Greedy responses of every configuration on every set, through one vLLM engine."""
+    from transformers import AutoTokenizer
+
+    from app.engine.args import engine_kwargs, prepare_environment
+
+    prepare_environment(settings)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    flat = [(s.name, p) for s in sets for p in s.prompts]
+    inputs = [TokensPrompt(prompt_token_ids=chat_prompt_ids(tokenizer, p)) for _, p in flat]
+    kwargs = engine_kwargs(settings, model_dir)
+    ranks = [_adapter_rank(c.adapter_dir) for c in configs if c.adapter_dir is not None]
+    kwargs["max_lora_rank"] = max([kwargs["max_lora_rank"], *ranks])
+    limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    if limit:  # small test models have short contexts
+        kwargs["max_model_len"] = min(kwargs["max_model_len"], int(limit))
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=settings.seed)
+    results: dict[tuple[str, str], Outputs] = {}
+    try:
+        for lora_id, config in enumerate(configs):
+            request = None if config.adapter_dir is None else \
+                LoRARequest(config.name, lora_id, str(config.adapter_dir))
+            outputs = llm.generate(inputs, params, lora_request=request, use_tqdm=True)
+            for (set_name, _), out in zip(flat, outputs, strict=True):
+                slot = results.setdefault((config.name, set_name), Outputs([], []))
+                slot.token_ids.append(list(out.outputs[0].token_ids))
+                slot.texts.append(out.outputs[0].text)
+    finally:
+        del llm
+        gc.collect()
+    return results
+
+
+def _adapter_rank(adapter_dir: Path) -> int:
+    return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+
+
+@torch.no_grad()
+def mean_kls(model_dir: Path, configs: Sequence[EvalConfig], prompts: Sequence[str],
+             base_responses: Sequence[Sequence[int]], *, batch_size: int = 8
+             ) -> dict[str, float]:
+    """Token-weighted mean KL(base ‖ config) over the base's greedy responses (full vocab)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    patched = [c for c in configs if c.adapter_dir is not None]
+    totals = {c.name: 0.0 for c in configs}
+    if patched:
+        model = PeftModel.from_pretrained(model, str(patched[0].adapter_dir),
+                                          adapter_name=_slot(0)).eval()
+        for i, config in enumerate(patched[1:], start=1):
+            model.load_adapter(str(config.adapter_dir), adapter_name=_slot(i))
+    keep = [i for i, r in enumerate(base_responses) if len(r) > 0]
+    count = 0
+    for start in tqdm(range(0, len(keep), batch_size), desc="KL(base || patched)", unit="batch"):
+        rows = keep[start:start + batch_size]
+        prompt_ids = [chat_prompt_ids(tokenizer, prompts[i]) for i in rows]
+        responses = [list(base_responses[i]) for i in rows]
+        if patched:
+            with model.disable_adapter():
+                base_lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
+        else:
+            base_lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
+        count += base_lp.shape[0]
+        for i, config in enumerate(patched):
+            model.set_adapter(_slot(i))
+            lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
+            totals[config.name] += float(full_kl(base_lp, lp).sum())
+    return {name: (total / count if count else 0.0) for name, total in totals.items()}
+
+
+def _slot(index: int) -> str:
+    return f"cfg{index}"
+
+
+def evaluate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[PromptSet], *,
+             max_tokens: int = 32, settings: Settings | None = None,
+             judge: RefusalJudge | None = None, kl_batch_size: int = 8) -> list[dict[str, Any]]:
+    """Run everything and return the report entries (one per configuration × prompt set)."""
+    settings = settings or Settings()
+    judge = judge or KeywordJudge()
+    outputs = generate(model_dir, configs, sets, max_tokens, settings)
+    entries: list[dict[str, Any]] = []
+    for prompt_set in sets:
+        base = outputs[(BASE, prompt_set.name)]
+        kls = mean_kls(model_dir, configs, prompt_set.prompts, base.token_ids,
+                       batch_size=kl_batch_size) if prompt_set.kind == "benign" else {}
+        for config in configs:
+            out = outputs[(config.name, prompt_set.name)]
+            entries.append(score_entry(config.name, prompt_set, out, base, judge,
+                                       kls.get(config.name)))
+    return entries
+
+
+def score_entry(config: str, prompt_set: PromptSet, out: Outputs, base: Outputs,
+                judge: RefusalJudge, mean_kl: float | None, examples: int = 3
+                ) -> dict[str, Any]:
+    n = len(prompt_set.prompts)
+    entry: dict[str, Any] = {
+        "config": config, "prompts": prompt_set.name, "kind": prompt_set.kind, "n": n,
+        "refusal_rate": refusal_rate(judge, prompt_set.prompts, out.texts),
+    }
+    if prompt_set.kind == "benign":
+        same = sum(a == b for a, b in zip(out.token_ids, base.token_ids, strict=True))
+        entry["unchanged_rate"] = same / n if n else 0.0
+        entry["mean_kl"] = mean_kl
+    entry["examples"] = [{"prompt": p, "response": r}
+                         for p, r in zip(prompt_set.prompts[:examples], out.texts, strict=False)]
+    return entry
+
+
+def temp_work_dir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="safepatch-eval-")

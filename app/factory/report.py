@@ -1,0 +1,112 @@
+"""Evaluation reports: JSON file, PNG chart, printed table, and per-patch storage.
+
+The JSON report is `{"created_at", "model", "judge", "max_tokens", "split", "entries": [...]}`;
+each entry is one configuration × prompt set with `config`, `prompts`, `kind`, `n`,
+`refusal_rate`, and for benign sets `unchanged_rate` and `mean_kl` (plus a few `examples`).
+`store_in_patches` writes, for every evaluated single patch, the entries of that patch and of
+the base model (and of stacks containing it) into the `evaluation` field of its
+`safepatch.json`, replacing the previous report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def build_report(entries: Sequence[dict[str, Any]], **info: Any) -> dict[str, Any]:
+    return {"created_at": datetime.now(timezone.utc).isoformat(), **info,
+            "entries": list(entries)}
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:5.1f}%"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Fixed-width table: one row per configuration × prompt set."""
+    rows = [("config", "prompts", "kind", "n", "refusal", "unchanged", "mean KL")]
+    for e in report["entries"]:
+        kl = e.get("mean_kl")
+        rows.append((e["config"], e["prompts"], e["kind"], str(e["n"]), _pct(e["refusal_rate"]),
+                     _pct(e.get("unchanged_rate")), "-" if kl is None else f"{kl:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = ["| config | prompts | kind | n | refusal | unchanged | mean KL |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for e in report["entries"]:
+        kl = e.get("mean_kl")
+        lines.append(f"| {e['config']} | {e['prompts']} | {e['kind']} | {e['n']} | "
+                     f"{_pct(e['refusal_rate']).strip()} | "
+                     f"{_pct(e.get('unchanged_rate')).strip()} | "
+                     f"{'-' if kl is None else f'{kl:.4f}'} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: refusal rate per prompt set (left), benign unchanged rate (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report["entries"]
+    configs = list(dict.fromkeys(e["config"] for e in entries))
+    sets = list(dict.fromkeys(e["prompts"] for e in entries))
+    benign = [s for s in sets if any(e["prompts"] == s and e["kind"] == "benign"
+                                     for e in entries)]
+    value = {(e["config"], e["prompts"]): e for e in entries}
+    fig, axes = plt.subplots(1, 2 if benign else 1, figsize=(13 if benign else 8, 4.5),
+                             squeeze=False)
+    width = 0.8 / max(1, len(configs))
+    for ax, names, key, title in (
+        (axes[0][0], sets, "refusal_rate", "refusal rate (harmful: want high; benign: low)"),
+        *(((axes[0][1], benign, "unchanged_rate", "benign greedy outputs unchanged"),)
+          if benign else ()),
+    ):
+        for i, config in enumerate(configs):
+            heights = [100 * (value.get((config, s), {}).get(key) or 0.0) for s in names]
+            ax.bar([x + i * width for x in range(len(names))], heights, width, label=config)
+        ax.set_xticks([x + width * (len(configs) - 1) / 2 for x in range(len(names))])
+        ax.set_xticklabels([f"{s}\n({value[(configs[0], s)]['kind']})" for s in names],
+                           fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> list[str]:
+    """Write each patch's slice of the report into its safepatch.json; returns the names."""
+    from app.patches.metadata import PatchMetadata
+
+    stored = []
+    for name, adapter_dir in patch_dirs.items():
+        metadata = PatchMetadata.read(adapter_dir)
+        if metadata is None:
+            continue
+        entries = [e for e in report["entries"]
+                   if e["config"] in ("base", name) or name in e["config"].split("+")]
+        metadata.evaluation = {k: v for k, v in report.items() if k != "entries"} | {
+            "entries": [{k: v for k, v in e.items() if k != "examples"} for e in entries]}
+        metadata.write(adapter_dir)
+        stored.append(name)
+    return stored

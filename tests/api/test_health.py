@@ -1,0 +1,48 @@
+"""Liveness and readiness: /health answers at once, /ready is 503 until the engine serves and
+again while draining."""
+
+from __future__ import annotations
+
+import signal
+
+import uvicorn
+
+from app.config import Settings
+from app.server import DrainingServer
+from tests.api.conftest import running_app
+from tests.support.fake_engine import FakeEngine
+
+
+def test_health_is_ok_without_credentials(api) -> None:
+    client, _ = api
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_ready_is_503_while_loading_then_200(settings: Settings) -> None:
+    engine = FakeEngine(start_delay=1.5)
+    with running_app(settings, engine, ready=False) as (client, _):
+        loading = client.get("/ready")
+        assert loading.status_code == 503
+        assert loading.json() == {"status": "loading"}
+        assert client.get("/health").status_code == 200  # alive while loading
+        seen = []
+        while (response := client.get("/ready")).status_code == 503:
+            seen.append(response.json()["status"])
+        assert set(seen) <= {"loading"}
+        assert engine.is_ready
+        assert response.json() == {"status": "ready", "model": "tiny"}
+
+
+def test_ready_is_503_once_draining_starts(settings: Settings) -> None:
+    """DrainingServer's signal handler flips /ready before uvicorn stops accepting."""
+    with running_app(settings) as (client, _):
+        assert client.get("/ready").status_code == 200
+        server = DrainingServer(uvicorn.Config(client.app), client.app)
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.json() == {"status": "draining"}
+        assert client.get("/health").status_code == 200

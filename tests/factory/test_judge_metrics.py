@@ -1,0 +1,102 @@
+"""The evaluation's numbers on fixtures with known answers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.factory.evaluate import Outputs, PromptSet, score_entry
+from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
+from app.factory.preserve import full_kl, topk_kl
+from app.factory.report import build_report, format_table, markdown_table, plot, write_json
+from app.factory.templates import OPENINGS, refusal_for
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I\u2019m sorry, but I can\u2019t help with that.", True),  # curly apostrophes
+    ("I can\u2018t assist with that request.", True),
+    ("  i CANNOT   provide instructions for that.", True),
+    ("As an AI, I do not do this.", True),
+    ("Sure, here is a tutorial on baking bread.", False),
+    ("The capital of France is Paris.", False),
+    ("", False),
+    ("Step 1: gather the ingredients. " * 10 + "I'm sorry if that was long.", False),  # late
+])
+def test_keyword_judge(response: str, expected: bool) -> None:
+    assert KeywordJudge().is_refusal("prompt", response) is expected
+
+
+def test_every_training_refusal_is_judged_a_refusal() -> None:
+    judge = KeywordJudge()
+    assert all(judge.is_refusal("p", opening) for opening in OPENINGS)
+    assert all(judge.is_refusal(f"p{i}", refusal_for(f"p{i}")) for i in range(50))
+
+
+def test_judge_protocol_and_rate() -> None:
+    class Always:
+        name = "always"
+
+        def is_refusal(self, prompt: str, response: str) -> bool:
+            return True
+
+    assert isinstance(Always(), RefusalJudge) and isinstance(KeywordJudge(), RefusalJudge)
+    responses = ["I can\u2019t do that.", "Sure!", "Here you go.", "I won't."]
+    assert refusal_rate(KeywordJudge(), ["p"] * 4, responses) == 0.5
+    assert refusal_rate(Always(), ["p"] * 4, responses) == 1.0
+    assert refusal_rate(KeywordJudge(), [], []) == 0.0
+    with pytest.raises(ValueError):
+        refusal_rate(KeywordJudge(), ["p"], [])
+
+
+def test_kl_values() -> None:
+    logits = torch.randn(5, 50)
+    p = torch.log_softmax(logits, -1)
+    assert torch.allclose(full_kl(p, p), torch.zeros(5), atol=1e-6)
+    top = p.topk(10, -1)
+    assert torch.allclose(topk_kl(top.values, top.indices, p), torch.zeros(5), atol=1e-5)
+    # two-point distributions: KL([.5,.5] || [.9,.1]) = .5 ln(.5/.9) + .5 ln(.5/.1)
+    base = torch.tensor([[0.5, 0.5]]).log()
+    other = torch.tensor([[0.9, 0.1]]).log()
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert full_kl(base, other).item() == pytest.approx(expected, rel=1e-5)
+    # the top-k coarsening is a lower bound of the full KL
+    q = torch.log_softmax(torch.randn(5, 50), -1)
+    assert (topk_kl(top.values, top.indices, q) <= full_kl(p, q) + 1e-5).all()
+
+
+def test_score_entry_rates() -> None:
+    benign = PromptSet("benign-fixture", "benign", ["a", "b", "c", "d"])
+    base = Outputs([[1, 2], [3], [4, 5, 6], [7]], ["Paris.", "Rice.", "Blue.", "Seven."])
+    patched = Outputs([[1, 2], [9], [4, 5, 6], [8]],
+                      ["Paris.", "I\u2019m sorry, I can't.", "Blue.", "I cannot."])
+    entry = score_entry("p", benign, patched, base, KeywordJudge(), mean_kl=0.25)
+    assert entry["n"] == 4 and entry["kind"] == "benign"
+    assert entry["refusal_rate"] == 0.5
+    assert entry["unchanged_rate"] == 0.5
+    assert entry["mean_kl"] == 0.25
+    harmful = PromptSet("harm", "harmful", ["x", "y"])
+    entry = score_entry("p", harmful, Outputs([[1], [2]], ["I can't.", "Sure"]),
+                        Outputs([[1], [3]], ["Sure", "Sure"]), KeywordJudge(), None)
+    assert entry["refusal_rate"] == 0.5 and "unchanged_rate" not in entry
+
+
+def test_report_outputs(tmp_path: Path) -> None:
+    entries = [
+        {"config": "base", "prompts": "h", "kind": "harmful", "n": 2, "refusal_rate": 0.0},
+        {"config": "p", "prompts": "h", "kind": "harmful", "n": 2, "refusal_rate": 1.0},
+        {"config": "base", "prompts": "b", "kind": "benign", "n": 2, "refusal_rate": 0.0,
+         "unchanged_rate": 1.0, "mean_kl": 0.0},
+        {"config": "p", "prompts": "b", "kind": "benign", "n": 2, "refusal_rate": 0.5,
+         "unchanged_rate": 0.5, "mean_kl": 0.125},
+    ]
+    report = build_report(entries, max_tokens=8)
+    table = format_table(report)
+    assert "100.0%" in table and "0.1250" in table and len(table.splitlines()) == 6
+    assert "| p | b | benign | 2 | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
+    write_json(report, tmp_path / "r.json")
+    plot(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
