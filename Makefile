@@ -9,7 +9,11 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 install:
 	./scripts/install.sh
 
+# Dev mode: anonymous requests allowed, admin token generated into the cache dir; the shipped
+# refusal-general patch is applied by default (opt out per request with "-refusal-general").
 serve: install
+	SAFEPATCH_DEV_MODE="$${SAFEPATCH_DEV_MODE:-1}" \
+	SAFEPATCH_DEFAULT_PATCHES="$${SAFEPATCH_DEFAULT_PATCHES-refusal-general}" \
 	.venv/bin/safepatch serve
 
 test: install

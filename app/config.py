@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -59,9 +60,9 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; None: sqlite file in cache_dir."
     )
     max_adapter_bytes: int = 512 * 1024 * 1024
-    default_patches: list[str] = Field(
+    default_patches: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Patches applied to requests without a tenant policy (dev mode).",
+        description="Patches applied by default to anonymous dev-mode requests; env: a,b",
     )
 
     # --- security ---------------------------------------------------------------------
@@ -76,6 +77,13 @@ class Settings(BaseSettings):
 
     # --- orthogonality ----------------------------------------------------------------
     ortho_k: int | None = None  # None: the adapter's rank, as in the paper
+
+    @field_validator("default_patches", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(

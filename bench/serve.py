@@ -5,7 +5,7 @@ Workload: greedy completions with a fixed prompt (token ids) and a fixed output 
 direct path is `VllmEngine` in this process with the same settings. They run one after the
 other (2 shared cores: never both at once). Prints a table, writes JSON.
 
-    .venv/bin/python bench/serve.py [--model DIR] [--requests 16] [--prompt-len 128]
+    .venv/bin/python -m bench.serve [--model DIR] [--requests 16] [--prompt-len 128]
                                     [--output-len 64] [--concurrency 1 8] [--patch NAME]
 """
 
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating repeats per path")
     parser.add_argument("--patch", default=None, help="serve every request with this patch")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve.json")
     args = parser.parse_args()
@@ -106,46 +107,52 @@ def main() -> None:
     model_dir = resolve_model_dir(settings)
     prompt = [(7 * i + 11) % 1000 + 10 for i in range(args.prompt_len)]
     adapters = REPO_ROOT / "adapters"
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), model=model_dir, adapters=adapters,
-                              SAFEPATCH_MAX_MODEL_LEN=str(settings.max_model_len),
-                              SAFEPATCH_CACHE_DIR=str(settings.cache_dir))
-        try:
-            key = server.tenant_key("bench", {"allow_base": True, "optional": (
-                [args.patch] if args.patch else [])})
-            model = args.patch or model_dir.name
-            for c in args.concurrency:
-                rows.append({"path": "http", "concurrency": c, **asyncio.run(run_http(
-                    server.base_url, key, model, prompt, args.output_len, args.requests, c))})
-        finally:
-            server.stop()
+    rows: list[dict] = []
 
-    async def direct() -> None:
+    async def measure(server) -> None:
+        """Both paths loaded at once; runs alternate (http, direct) per round so machine
+        noise hits both alike."""
         from app.engine.vllm_engine import VllmEngine
 
+        key = server.tenant_key("bench", {"allow_base": True,
+                                          "optional": [args.patch] if args.patch else []})
+        model = args.patch or model_dir.name
         engine = VllmEngine(settings, model_dir)
         await engine.start()
         lora = LoraTarget(args.patch, 1, adapters / args.patch) if args.patch else None
         try:
             for c in args.concurrency:
-                rows.append({"path": "direct", "concurrency": c, **await run_direct(
-                    engine, prompt, args.output_len, args.requests, c, lora)})
+                for round_ in range(args.rounds):
+                    rows.append({"path": "http", "concurrency": c, "round": round_,
+                                 **await run_http(server.base_url, key, model, prompt,
+                                                  args.output_len, args.requests, c)})
+                    rows.append({"path": "direct", "concurrency": c, "round": round_,
+                                 **await run_direct(engine, prompt, args.output_len,
+                                                    args.requests, c, lora)})
         finally:
             await engine.shutdown()
 
-    asyncio.run(direct())
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(Path(tmp), model=model_dir, adapters=adapters,
+                              SAFEPATCH_MAX_MODEL_LEN=str(settings.max_model_len),
+                              SAFEPATCH_CACHE_DIR=str(settings.cache_dir))
+        try:
+            asyncio.run(measure(server))
+        finally:
+            server.stop()
+
     report = {"model": model_dir.name, "patch": args.patch, "requests": args.requests,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows,
               "ratio_http_over_direct": {}}
-    print(f"{'path':8} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7}")
+    print(f"{'path':8} {'conc':>4} {'round':>5} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7}")
     for row in rows:
-        print(f"{row['path']:8} {row['concurrency']:>4} {row['tokens_per_s']:>8.1f} "
-              f"{row['p50_s']:>7.2f} {row['p95_s']:>7.2f}")
+        print(f"{row['path']:8} {row['concurrency']:>4} {row['round']:>5} "
+              f"{row['tokens_per_s']:>8.1f} {row['p50_s']:>7.2f} {row['p95_s']:>7.2f}")
     for c in args.concurrency:
-        http_row, direct_row = (next(r for r in rows if r["path"] == p and r["concurrency"] == c)
+        http_tps, direct_tps = (sum(r["tokens_per_s"] for r in rows
+                                    if r["path"] == p and r["concurrency"] == c)
                                 for p in ("http", "direct"))
-        ratio = http_row["tokens_per_s"] / direct_row["tokens_per_s"]
+        ratio = http_tps / direct_tps  # summed over the alternating rounds
         report["ratio_http_over_direct"][str(c)] = ratio
         print(f"concurrency {c}: HTTP/direct throughput = {ratio:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
