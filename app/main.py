@@ -91,7 +91,7 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
     metrics = Metrics()
     model_name = settings.served_model_name or model_dir.name
     serving = CompletionServing(engine, PromptBuilder(model_dir, settings.max_model_len),
-                                registry, metrics, model_name)
+                                registry, metrics, model_name, settings.log_prompts)
     return AppState(settings=settings, model_dir=model_dir, model_name=model_name,
                     database=database, registry=registry, tenants=TenantService(database),
                     metrics=metrics, engine=engine, serving=serving,

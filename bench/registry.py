@@ -55,13 +55,14 @@ async def first_token_s(http: httpx.AsyncClient, key: str, model: str) -> float:
     async with http.stream("POST", "/v1/completions", headers={"Authorization": f"Bearer {key}"},
                            json={"model": model, "prompt": "Hello", "max_tokens": 4,
                                  "temperature": 0, "stream": True}) as response:
+        response.raise_for_status()
+        elapsed = None
         async for line in response.aiter_lines():
-            if line.startswith("data: {"):
+            if elapsed is None and line.startswith("data: {"):
                 elapsed = time.perf_counter() - start
-                async for _ in response.aiter_lines():
-                    pass
-                return elapsed
-    raise RuntimeError("no tokens streamed")
+    if elapsed is None:
+        raise RuntimeError("no tokens streamed")
+    return elapsed
 
 
 async def measure(server, store: Path, n_fresh: int, requests: int, output_len: int) -> dict:

@@ -5,7 +5,7 @@ each entry is one configuration × prompt set with `config`, `prompts`, `kind`, 
 `refusal_rate`, and for benign sets `unchanged_rate` and `mean_kl` (plus a few `examples`).
 `store_in_patches` writes, for every evaluated single patch, the entries of that patch and of
 the base model (and of stacks containing it) into the `evaluation` field of its
-`safepatch.json`, replacing the previous report.
+`safepatch.json`, replacing earlier results for the same configuration and prompt set.
 """
 
 from __future__ import annotations
@@ -95,7 +95,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> list[str]:
-    """Write each patch's slice of the report into its safepatch.json; returns the names."""
+    """Write each patch's slice of the report into its safepatch.json; returns the names.
+
+    Entries are merged by (config, prompts): a new result replaces the stored one for the same
+    configuration and prompt set, results for other prompt sets are kept (each entry carries the
+    `created_at` of the run that produced it)."""
     from app.patches.metadata import PatchMetadata
 
     stored = []
@@ -103,10 +107,15 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         metadata = PatchMetadata.read(adapter_dir)
         if metadata is None:
             continue
-        entries = [e for e in report["entries"]
-                   if e["config"] in ("base", name) or name in e["config"].split("+")]
-        metadata.evaluation = {k: v for k, v in report.items() if k != "entries"} | {
-            "entries": [{k: v for k, v in e.items() if k != "examples"} for e in entries]}
+        fresh = [{k: v for k, v in e.items() if k != "examples"} | {
+            "created_at": report["created_at"]} for e in report["entries"]
+            if e["config"] in ("base", name) or name in e["config"].split("+")]
+        keys = {(e["config"], e["prompts"]) for e in fresh}
+        old = (metadata.evaluation or {}).get("entries", [])
+        kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
+        metadata.evaluation = {k: v for k, v in report.items()
+                               if k not in ("entries", "prompt_sets")} | {
+            "entries": kept + fresh}
         metadata.write(adapter_dir)
         stored.append(name)
     return stored

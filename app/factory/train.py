@@ -111,25 +111,41 @@ def preserve_loss(model: Any, batch: Sequence[GreedyTarget], pad_id: int) -> tor
     return torch.cat(kls).mean()
 
 
-def _cached_targets(config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
-                    ) -> list[GreedyTarget]:
+def targets_cache_dir(config: TrainConfig) -> Path | None:
+    """Per-prompt cache of base greedy targets, keyed by model weights and target settings."""
     from app.model.identity import model_identity
 
+    if config.cache_dir is None:
+        return None
+    weights = config.model_dir / "model.safetensors"
     key = hashlib.sha256(json.dumps([
-        model_identity(config.model_dir), file_sha256(config.model_dir / "model.safetensors")
-        if (config.model_dir / "model.safetensors").is_file() else "",
-        prompts, config.preserve_tokens, config.kl_top_k,
+        model_identity(config.model_dir), file_sha256(weights) if weights.is_file() else "",
+        config.preserve_tokens, config.kl_top_k,
     ]).encode()).hexdigest()[:24]
-    path = (config.cache_dir / "factory" / f"targets-{key}.pt") if config.cache_dir else None
-    if path is not None and path.is_file():
-        return [GreedyTarget(**item) for item in torch.load(path, weights_only=True)]
-    targets = greedy_targets(model, tokenizer, prompts, max_new_tokens=config.preserve_tokens,
-                             top_k=config.kl_top_k)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([asdict(t) for t in targets], path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-    return targets
+    return config.cache_dir / "factory" / "targets" / key
+
+
+def _cached_targets(config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
+                    ) -> list[GreedyTarget]:
+    root = targets_cache_dir(config)
+    found: dict[str, GreedyTarget] = {}
+    if root is not None:
+        for prompt in prompts:
+            path = root / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.pt"
+            if path.is_file():
+                found[prompt] = GreedyTarget(**torch.load(path, weights_only=True))
+    missing = [p for p in prompts if p not in found]
+    if missing:
+        fresh = greedy_targets(model, tokenizer, missing, max_new_tokens=config.preserve_tokens,
+                               top_k=config.kl_top_k)
+        for prompt, target in zip(missing, fresh, strict=True):
+            found[prompt] = target
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                path = root / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.pt"
+                torch.save(asdict(target), path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").rename(path)
+    return [found[p] for p in prompts]
 
 
 def _cycle(items: list[Any], batch: int, rng: random.Random):  # -> Iterator[list[Any]]

@@ -60,6 +60,11 @@ class LoraAdapter:
         return self.path.name
 
 
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key: "layers.2" before "layers.10"."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """peft's `get_pattern_key`: a pattern key applies when `(.*\\.)?(key)$` matches."""
     for key, value in patterns.items():
@@ -102,7 +107,7 @@ def load_adapter(adapter_dir: Path) -> LoraAdapter:
             continue
         pairs.setdefault(m.group("module"), {})[m.group("ab")] = tensor
     modules: dict[str, LoraFactors] = {}
-    for module, ab in sorted(pairs.items()):
+    for module, ab in sorted(pairs.items(), key=lambda kv: _natural(kv[0])):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{adapter_dir.name}: {module} lacks lora_{'AB'[('A' in ab)]}")
         A, B = ab["A"], ab["B"]  # [r, d_in], [d_out, r]
@@ -116,4 +121,7 @@ def load_adapter(adapter_dir: Path) -> LoraAdapter:
         modules[module] = LoraFactors(module, B, A, scaling, r)
     if not modules:
         raise ValueError(f"{adapter_dir.name}: no LoRA linear modules in {weights_path.name}")
+    if config.get("use_dora"):
+        skipped.append({"module": "*", "reason": "DoRA magnitude vectors are ignored; scores "
+                        "describe the direction update s·B·A only"})
     return LoraAdapter(adapter_dir, config, modules, skipped)

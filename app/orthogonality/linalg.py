@@ -24,6 +24,7 @@ k × r products), fp32 (or the caller's choice) for the large base-weight SVD.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -76,33 +77,51 @@ class DeltaProjections(NamedTuple):
     sim_left: torch.Tensor  # [n, r, k] U_Δᵀ·U₀
 
 
+def _psd_sqrt(G: torch.Tensor) -> torch.Tensor:
+    """R with Rᵀ·R = G for symmetric PSD G ([..., r, r]): R = Λ^½·Wᵀ from G = W·Λ·Wᵀ."""
+    lam, W = torch.linalg.eigh(G)  # [..., r], [..., r, r]
+    return lam.clamp_min(0).sqrt()[..., :, None] * W.mT  # [..., r, r]
+
+
 def lora_projections(
-    B: torch.Tensor,
-    A: torch.Tensor,
+    B: torch.Tensor | Sequence[torch.Tensor],
+    A: torch.Tensor | Sequence[torch.Tensor],
     scaling: torch.Tensor,
-    V0: torch.Tensor,
-    U0: torch.Tensor,
+    V0: torch.Tensor | Sequence[torch.Tensor],
+    U0: torch.Tensor | Sequence[torch.Tensor],
     *,
     rtol: float = 1e-6,
 ) -> DeltaProjections:
-    """`lora_delta_svd` for a batch of same-shape modules, projected straight onto V₀ / U₀.
+    """`lora_delta_svd` for n same-shape modules, projected straight onto V₀ / U₀; inputs are
+    [n, ...] tensors or length-n sequences of 2-D ones (nothing large is stacked or copied).
 
-    Same factorization (QR of B and Aᵀ, SVD of the r × r core U_c·Σ·V_cᵀ), but V_Δ and U_Δ
-    are never formed: V_Δᵀ·V₀ = V_cᵀ·(Q_Aᵀ·V₀) and U_Δᵀ·U₀ = U_cᵀ·(Q_Bᵀ·U₀), each
-    O(d·r·k). One batched LAPACK call per step instead of one per module. Directions with
-    σ ≤ `rtol`·σ₁ are zeroed, as `lora_delta_svd` drops them. fp64.
+    Any R_B with R_Bᵀ·R_B = Bᵀ·B is the R of a factorization B = Q_B·R_B with orthonormal Q_B
+    (the QR's triangular R, or — used here, via eigh — the PSD square root), likewise R_A for
+    Aᵀ, so ΔW = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ and the r × r core's SVD U_c·Σ·V_cᵀ is ΔW's. Neither Q
+    nor V_Δ, U_Δ is formed: U_Δᵀ·B = U_cᵀ·R_B and V_Δᵀ·Aᵀ = V_cᵀ·R_A, hence
+        V_Δᵀ·V₀ = Σ⁻¹·U_Δᵀ·ΔW·V₀ = Σ⁻¹·U_cᵀ·s·R_B·(A·V₀),
+        U_Δᵀ·U₀ = Σ⁻¹·V_Δᵀ·ΔWᵀ·U₀ = Σ⁻¹·V_cᵀ·s·R_A·(Bᵀ·U₀).
+    Per module only O(d·r·(r + k)) fp64 products (Bᵀ·B, A·Aᵀ, A·V₀, Bᵀ·U₀); the rest is
+    batched r × r work. Directions with σ ≤ `rtol`·σ₁ are zeroed (`lora_delta_svd` drops
+    them), which also keeps Σ⁻¹ bounded.
     """
-    B64 = B.detach().to(torch.float64)  # [n, d_out, r]
-    A64 = A.detach().to(torch.float64)  # [n, r, d_in]
-    Q_B, R_B = torch.linalg.qr(B64)  # [n, d_out, r], [n, r, r]
-    Q_A, R_A = torch.linalg.qr(A64.mT)  # [n, d_in, r], [n, r, r]
-    core = scaling.to(torch.float64)[:, None, None] * (R_B @ R_A.mT)  # [n, r, r]
-    U_c, S, V_cT = torch.linalg.svd(core)  # [n, r, r], [n, r], [n, r, r]
+    n = len(B)
+    G_B, G_A, P_A, P_B = [], [], [], []
+    for i in range(n):
+        b = B[i].detach().to(torch.float64)  # [d_out, r]
+        a = A[i].detach().to(torch.float64)  # [r, d_in]
+        G_B.append(b.T @ b)  # [r, r]
+        G_A.append(a @ a.T)  # [r, r]
+        P_A.append(a @ V0[i].to(torch.float64))  # [r, k]
+        P_B.append(b.T @ U0[i].to(torch.float64))  # [r, k]
+    R_B, R_A = _psd_sqrt(torch.stack(G_B)), _psd_sqrt(torch.stack(G_A))  # [n, r, r]
+    s = scaling.to(torch.float64)[:, None, None]  # [n, 1, 1]
+    U_c, S, V_cT = torch.linalg.svd(s * (R_B @ R_A.mT))  # [n, r, r], [n, r], [n, r, r]
     live = rtol * S[:, :1] < S  # [n, r]; all False when ΔW = 0
-    sim_right = V_cT @ (Q_A.mT @ V0.to(torch.float64))  # [n, r, k]
-    sim_left = U_c.mT @ (Q_B.mT @ U0.to(torch.float64))  # [n, r, k]
-    mask = live[..., None].to(torch.float64)  # [n, r, 1]
-    return DeltaProjections(S * live, live.sum(-1), sim_right * mask, sim_left * mask)
+    inv = torch.where(live, 1 / torch.where(live, S, 1.0), 0.0)[..., None]  # [n, r, 1]
+    sim_right = inv * (U_c.mT @ (s * R_B) @ torch.stack(P_A))  # [n, r, k]
+    sim_left = inv * (V_cT @ (s * R_A) @ torch.stack(P_B))  # [n, r, k]
+    return DeltaProjections(S * live, live.sum(-1), sim_right, sim_left)
 
 
 def side_statistics(S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor

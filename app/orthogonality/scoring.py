@@ -152,7 +152,8 @@ class AdapterScore:
             **aggregate(self.modules, side),
             "worst_module": None if worst is None else {
                 key: worst.to_dict(side, total)[key]
-                for key in ("module", "phi", "orthogonality", "phi_baseline", "baseline")},
+                for key in ("module", "phi", "orthogonality", "phi_baseline", "baseline",
+                            "phi_ratio")},
             "skipped": self.skipped,
         }
         if side == "both":
@@ -200,9 +201,8 @@ def score_adapter(
         facs = [targets[n][0] for n in names]
         subs = [subspaces[targets[n][1]] for n in names]
         proj = linalg.lora_projections(
-            torch.stack([f.B for f in facs]), torch.stack([f.A for f in facs]),
-            torch.tensor([f.scaling for f in facs]),
-            torch.stack([s.V for s in subs]), torch.stack([s.U for s in subs]))
+            [f.B for f in facs], [f.A for f in facs], torch.tensor([f.scaling for f in facs]),
+            [s.V for s in subs], [s.U for s in subs])
         rights = _batch_side_scores(proj.S, proj.rank, proj.sim_right, d_in)
         lefts = _batch_side_scores(proj.S, proj.rank, proj.sim_left, d_out)
         energies = proj.S.square().sum(-1).tolist()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from app.model.identity import model_identity
 from app.orthogonality import linalg
@@ -36,6 +36,7 @@ from app.orthogonality import linalg
 logger = logging.getLogger(__name__)
 
 _SAMPLE_BYTES = 1 << 16
+_CACHE_FILE = re.compile(r"^(.+)\.k(\d+)\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -144,24 +145,30 @@ class SubspaceStore:
     def cache_path(self, weight: str, k: int) -> Path:
         return self.root / f"{weight}.k{k}.safetensors"
 
-    def _load_cached(self, weight: str, k: int) -> Subspace | None:
+    def _disk_index(self) -> dict[str, list[int]]:
+        """{weight name: cached k's, ascending} from one listing of the cache directory."""
+        index: dict[str, list[int]] = {}
+        if self.root.is_dir():
+            for entry in os.scandir(self.root):
+                m = _CACHE_FILE.match(entry.name)
+                if m:
+                    index.setdefault(m.group(1), []).append(int(m.group(2)))
+        return {name: sorted(ks) for name, ks in index.items()}
+
+    def _load_cached(self, weight: str, k: int, index: dict[str, list[int]]
+                     ) -> Subspace | None:
         if self._memory is not None:
             best = self._memory.get(weight)
             if best is not None and best.k >= k:
                 return best.top(k)
-        pattern = re.compile(re.escape(weight) + r"\.k(\d+)\.safetensors$")
-        ks = sorted(
-            int(m.group(1)) for p in self.root.glob(f"{glob_escape(weight)}.k*.safetensors")
-            if (m := pattern.match(p.name)) and int(m.group(1)) >= k
-        ) if self.root.is_dir() else []
+        ks = [kk for kk in index.get(weight, []) if kk >= k]
         if not ks:
             return None
-        path = self.cache_path(weight, ks[0])
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(self.cache_path(weight, ks[0])), framework="pt") as fh:
             meta = fh.metadata() or {}
-        sub = Subspace(weight, tensors["U"], tensors["S"], tensors["V"],
-                       meta.get("method", "unknown"), float(meta.get("residual", "nan")))
+            U, S, V = (fh.get_tensor(name) for name in ("U", "S", "V"))
+        sub = Subspace(weight, U, S, V, meta.get("method", "unknown"),
+                       float(meta.get("residual", "nan")))
         self._remember(sub)
         return sub.top(k)
 
@@ -198,12 +205,13 @@ class SubspaceStore:
         each safetensors file once and holding one weight tensor in memory at a time."""
         out: dict[str, Subspace] = {}
         missing: dict[Path, list[str]] = {}
+        index = self._disk_index()
         for weight, k in requests.items():
             shape = self._shapes.get(weight)
             if shape is None or len(shape) != 2:
                 raise KeyError(f"{self.model_dir.name} has no 2-D weight {weight!r}")
             linalg.check_k(k, shape)
-            cached = self._load_cached(weight, k)
+            cached = self._load_cached(weight, k, index)
             if cached is not None:
                 out[weight] = cached
             else:
@@ -257,10 +265,6 @@ def top_k_subspace(
     logger.warning("randomized SVD residual %.2e > %.0e after %d iterations on a %s weight; "
                    "using the exact SVD", residual, residual_tol, n_iter, tuple(W.shape))
     return linalg.exact_top_k(W, k), "exact", 0.0, 0
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
 _STORES: dict[tuple[Path, Path, str], SubspaceStore] = {}

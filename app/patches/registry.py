@@ -126,6 +126,13 @@ class PatchRegistry:
         known = {r.name for r in rows}
         # a directory registered (or deleted) under another name is not seen again either
         known_paths = {str(Path(r.path).resolve()) for r in rows}
+        for record in self.list():  # `safepatch eval` writes its report beside the weights
+            try:
+                on_disk = PatchMetadata.read(record.path) if record.path.is_dir() else None
+            except ValueError:
+                continue
+            if on_disk and on_disk.evaluation and on_disk.evaluation != record.evaluation:
+                self.store_result(record.name, "evaluation", on_disk.evaluation)
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
             if (path.name in known or str(path.resolve()) in known_paths
                     or not (path / CONFIG_FILE).is_file()):
@@ -230,7 +237,11 @@ class PatchRegistry:
     def _insert(self, name: str, path: Path, *, source: str, actor: str) -> PatchRecord:
         self._check_name(name)
         checked = self._validate(path)
-        existing = PatchMetadata.read(path)
+        try:
+            existing = PatchMetadata.read(path)
+        except ValueError as exc:
+            raise BadRequest(f"invalid safepatch.json: {exc}", param="metadata",
+                             code="invalid_metadata") from None
         meta = PatchMetadata(
             name=name,
             description=existing.description if existing else "",
@@ -243,6 +254,8 @@ class PatchRegistry:
             training=existing.training if existing else None,
             evaluation=existing.evaluation if existing else None,
         )
+        if source == "upload":  # our copy in the store: keep its metadata beside the weights
+            meta.write(path)
         now = db.utcnow()
         values = dict(path=str(path), sha256=checked.weights_sha256, rank=checked.rank,
                       target_modules=db.dumps(checked.target_modules),

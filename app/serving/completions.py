@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from app.protocol import (
 from app.serving.prompts import PromptBuilder
 
 APPLIED_HEADER = "X-SafePatch-Applied"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ def _sse(payload: str) -> str:
 
 class CompletionServing:
     def __init__(self, engine: EngineClient, prompts: PromptBuilder, registry: PatchRegistry,
-                 metrics: Metrics, model_name: str) -> None:
+                 metrics: Metrics, model_name: str, log_prompts: bool = False) -> None:
+        self.log_prompts = log_prompts  # prompt text reaches the logs only when asked for
         self.engine = engine
         self.prompts = prompts
         self.registry = registry
@@ -136,6 +139,9 @@ class CompletionServing:
         token metrics."""
         start, first, last = time.perf_counter(), None, None
         finished = False
+        if self.log_prompts:
+            logger.info("prompt", extra={"prompt": self.prompts.tokenizer.decode(ids),
+                                         "patches": ",".join(who.patches)})
         with self.registry.lease(who.lora):
             try:
                 async for chunk in self.engine.generate(ids, sampling, rid, who.lora):
