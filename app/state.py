@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,3 +30,5 @@ class AppState:
     admin_token: str
     draining: bool = False
     background: set = field(default_factory=set)  # tasks kept alive until done
+    # one orthogonality job at a time: each may fill the subspace cache with large SVDs
+    scoring_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

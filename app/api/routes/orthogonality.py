@@ -29,7 +29,7 @@ async def adapter_orthogonality(name: str, state: State, _: Admin, k: int | None
                                 side: Literal["right", "left", "both"] = "both",
                                 detail: bool = True) -> dict[str, Any]:
     score = await _score(state, name, k)
-    return {"adapter": name, "k": k, **score.to_dict(detail=detail, side=side)}
+    return {**score.to_dict(detail=detail, side=side), "adapter": name}
 
 
 @router.get("/adapters/{name}/orthogonality.png")
