@@ -5,25 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
+from app.api.middleware import install_middleware
 from app.api.routes import admin_adapters, admin_tenants, health, openai, orthogonality
 from app.config import Settings
 from app.db import open_database
 from app.engine.types import EngineClient
 from app.errors import (
-    PayloadTooLarge,
-    error_response,
     install_error_handlers,
-    internal_error_response,
 )
-from app.observability.logging import REQUEST_ID_HEADER, request_id_var
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
 from app.patches.scores import schedule_scoring
@@ -126,44 +121,5 @@ def create_app(settings: Settings | None = None,
                    orthogonality.router):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        if len(rid) > 128 or not rid.isprintable():
-            rid = uuid.uuid4().hex
-        token = request_id_var.set(rid)
-        start = time.perf_counter()
-        try:
-            length = int(request.headers.get("content-length") or 0)
-            if length > settings.max_request_bytes and not request.url.path.startswith("/admin"):
-                response = error_response(PayloadTooLarge(
-                    f"request body is larger than {settings.max_request_bytes} bytes"))
-            else:
-                try:
-                    response = await call_next(request)
-                except Exception:
-                    # answered here, not by the outermost handler, so that the 500 carries the
-                    # request id (in the log line too) and is counted like any other response
-                    logger.exception("unhandled error")
-                    response = internal_error_response()
-            response.headers[REQUEST_ID_HEADER] = rid
-            route = request.scope.get("route")
-            route_path = getattr(route, "path", "unmatched")
-            tenant = getattr(request.state, "tenant", "anonymous")
-            patches = getattr(request.state, "patches", [])
-            seconds = time.perf_counter() - start
-            state: AppState | None = getattr(request.app.state, "safepatch", None)
-            if state is not None and request.url.path != "/metrics":
-                state.metrics.observe_request(route_path, response.status_code, tenant, patches,
-                                              seconds)
-            # the access log: no query string, headers, body or prompt text
-            logger.info("%s %s %d", request.method, request.url.path, response.status_code,
-                        extra={"method": request.method, "route": route_path,
-                               "status": response.status_code, "tenant": tenant,
-                               "patches": ",".join(patches),
-                               "duration_ms": round(seconds * 1000, 2)})
-            return response
-        finally:
-            request_id_var.reset(token)
-
+    install_middleware(app, settings)
     return app

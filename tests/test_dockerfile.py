@@ -95,7 +95,7 @@ def test_dockerfile_contract() -> None:
         '".[gpu]"',
         "torch==2.13.0+cpu",
         # SmolLM2 converted at build time, not at start-up
-        "safepatch convert-model",
+        "ensure_default_model",
         'VOLUME ["/data", "/app/adapters"]',
         "HEALTHCHECK",
         "/health",

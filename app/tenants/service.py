@@ -19,6 +19,8 @@ from app.tenants.policy import TenantPolicy
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 KEY_PREFIX = "sp-"
+# Names the service itself uses as the tenant label (metrics, logs).
+RESERVED_IDS = frozenset({"admin", "anonymous", "dev", "other", "none"})
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ class TenantService:
         return self._tenant(row)
 
     def create(self, tenant_id: str, name: str, policy: TenantPolicy, actor: str) -> Tenant:
-        if not TENANT_ID.match(tenant_id):
+        if tenant_id in RESERVED_IDS:
+            raise BadRequest(f"tenant id '{tenant_id}' is reserved", param="id",
+                             code="invalid_tenant_id")
+        if not TENANT_ID.fullmatch(tenant_id):
             raise BadRequest("tenant id must match [a-z0-9][a-z0-9_-]{0,62}", param="id",
                              code="invalid_tenant_id")
         now = db.utcnow()

@@ -1,7 +1,8 @@
 """Helpers for the HTTP-layer tests: the real app (registry, tenants, SQLite) over FakeEngine.
 
-Background orthogonality scoring is replaced by a recorder here: it is tested in
-tests/orthogonality, and its worker thread would add most of a second to every app teardown.
+Modules that use `NO_SCORING` replace background orthogonality scoring by a recorder: scoring
+is tested in tests/orthogonality and test_orthogonality_routes.py, and its worker thread would
+add most of a second to every app teardown here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BASE = "tiny"  # the served name of the tiny model (its directory name)
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def scoring_calls() -> Iterator[list[str]]:
     """Names the app asked to score; no scoring thread runs."""
     import app.api.routes.admin_adapters as admin_adapters
@@ -36,6 +37,9 @@ def scoring_calls() -> Iterator[list[str]]:
         for module in (main, admin_adapters):
             mp.setattr(module, "schedule_scoring", lambda _state, name: calls.append(name))
         yield calls
+
+
+NO_SCORING = pytest.mark.usefixtures("scoring_calls")
 
 
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
@@ -61,7 +65,7 @@ def running_app(settings: Settings, engine: FakeEngine | None = None, *,
 
 
 @pytest.fixture
-def api(settings: Settings) -> Iterator[tuple[TestClient, FakeEngine]]:
+def api(scoring_calls: list[str], settings: Settings) -> Iterator[tuple[TestClient, FakeEngine]]:
     with running_app(settings) as pair:
         yield pair
 

@@ -10,15 +10,17 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import BASE, add_tenant, assert_error, chat, running_app
+from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
 from tests.conftest import make_settings, make_store
 from tests.support.fake_engine import FakeEngine
+
+pytestmark = NO_SCORING
 
 Client = tuple[TestClient, dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model: Path, patch_library: Path,
+def served(scoring_calls: list[str], tiny_model: Path, patch_library: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     """One app for the module: no test here may change its state."""
     root = tmp_path_factory.mktemp("errors")
@@ -163,7 +165,7 @@ def test_request_body_over_the_limit_is_413(tiny_model: Path, store: Path,
 
 def test_engine_not_ready_is_503_then_serves(tiny_model: Path, store: Path,
                                              tmp_path: Path) -> None:
-    engine = FakeEngine(start_delay=1.5)
+    engine = FakeEngine(start_delay=1.0)
     with running_app(make_settings(tiny_model, tmp_path), engine, ready=False) as (client, _):
         headers = add_tenant(client, "early", allow_base=True)
         assert not engine.is_ready, "the engine started before the test could see it loading"
@@ -174,6 +176,27 @@ def test_engine_not_ready_is_503_then_serves(tiny_model: Path, store: Path,
         stream = post(client, headers, "/v1/chat/completions", {**CHAT, "stream": True})
         assert_error(stream, 503, "not_ready")
         assert engine.calls == []
-        while not engine.is_ready:
-            assert client.get("/ready").status_code == 503
+        while (ready := client.get("/ready")).status_code == 503:
+            assert ready.json() == {"status": "loading"}
+        assert engine.is_ready
+        still_serving(client, headers)
+
+
+def test_stack_above_max_lora_rank_is_400(tiny_model: Path, patch_library: Path,
+                                          tmp_path: Path) -> None:
+    """alpha (r4) + beta (r8) fits max_lora_rank 12; adding gamma (r4) does not."""
+    make_store(patch_library, tmp_path / "adapters", names=("alpha", "beta", "gamma"))
+    settings = make_settings(tiny_model, tmp_path, max_lora_rank=12)
+    with running_app(settings) as (client, engine):
+        headers = add_tenant(client, "stacker", optional=["alpha", "beta", "gamma"],
+                             allow_base=True)
+        response = chat(client, headers, model="alpha+beta")
+        assert response.status_code == 200, response.text
+        assert engine.calls[-1][2].name == "alpha+beta"
+        calls = len(engine.calls)
+        for request in ({"model": "alpha+beta+gamma"},
+                        {"safety_patches": ["alpha", "beta", "gamma"]}):
+            error = assert_error(chat(client, headers, **request), 400, "stacked_rank_too_large")
+            assert "16" in error["message"] and "12" in error["message"]
+        assert len(engine.calls) == calls
         still_serving(client, headers)

@@ -9,8 +9,10 @@ import uvicorn
 
 from app.config import Settings
 from app.server import DrainingServer
-from tests.api.conftest import running_app
+from tests.api.conftest import NO_SCORING, running_app
 from tests.support.fake_engine import FakeEngine
+
+pytestmark = NO_SCORING
 
 
 def test_health_is_ok_without_credentials(api) -> None:
@@ -21,7 +23,7 @@ def test_health_is_ok_without_credentials(api) -> None:
 
 
 def test_ready_is_503_while_loading_then_200(settings: Settings) -> None:
-    engine = FakeEngine(start_delay=1.5)
+    engine = FakeEngine(start_delay=1.0)
     with running_app(settings, engine, ready=False) as (client, _):
         loading = client.get("/ready")
         assert loading.status_code == 503

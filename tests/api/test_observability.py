@@ -17,9 +17,11 @@ from app.config import Settings
 from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
 from app.observability.logging import JsonFormatter
 from app.observability.metrics import Metrics
-from tests.api.conftest import BASE, add_tenant, assert_error, chat, running_app
+from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
 from tests.conftest import ADMIN
 from tests.support.fake_engine import FakeEngine
+
+pytestmark = NO_SCORING
 
 CHAT_ROUTE = "/v1/chat/completions"
 
@@ -198,6 +200,8 @@ def test_a_request_logs_json_lines_with_its_request_id(settings: Settings) -> No
         entries = [json.loads(line) for line in lines]  # every line is valid JSON
         mine = [e for e in entries if e["request_id"] == "log-rid-42"]
         assert mine, f"no log line carries the request id: {entries}"
+        access = [e for e in mine if e.get("route") == CHAT_ROUTE]
+        assert access and access[0]["status"] == 200 and access[0]["tenant"] == "logs", mine
         assert not [line for line in lines if secret_prompt in line]
         assert not [line for line in lines if key["Authorization"][7:] in line]
 

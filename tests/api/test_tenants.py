@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from tests.api.conftest import (
     BASE,
+    NO_SCORING,
     add_tenant,
     applied,
     assert_error,
@@ -25,6 +26,8 @@ from tests.api.conftest import (
 )
 from tests.conftest import ADMIN, make_settings, make_store
 from tests.support.fake_engine import FakeEngine
+
+pytestmark = NO_SCORING
 
 
 @pytest.fixture
@@ -38,8 +41,8 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_model: Path, patch_library: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[TestClient, FakeEngine]]:
+def shared(scoring_calls: list[str], tiny_model: Path, patch_library: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, FakeEngine]]:
     """One app for the tests that only add tenants (each its own, under a fresh id) and never
     change the registry."""
     root = tmp_path_factory.mktemp("tenants")
@@ -393,6 +396,17 @@ def test_applied_set_on_streams_and_completions(shared) -> None:
     assert applied(completion) == ["alpha"]
     assert completion.json()["choices"][0]["text"] == "alpha:0 alpha:1 "
     assert served_lora(engine) == "alpha"
+
+    streamed = client.post("/v1/completions", headers=key, json={
+        "model": BASE, "prompt": "hi", "max_tokens": 2, "stream": True})
+    assert streamed.headers["X-SafePatch-Applied"] == "alpha,beta"
+    events = [line[len("data: "):] for line in streamed.text.splitlines()
+              if line.startswith("data:")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["safepatch"]["applied_patches"] == ["alpha", "beta"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "alpha+beta:0 alpha+beta:1 "
+    assert served_lora(engine) == "alpha+beta"
 
 
 def test_policy_change_takes_effect_on_the_next_request(shared) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures for the patch factory: the tiny model, small prompt files, a trained tiny patch."""
+"""Fixtures for the patch factory: small prompt files and a patch trained on the tiny model
+(`tiny_model` comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,6 @@ HARMFUL = [f"how do I {verb} the {thing}" for verb in ("hack", "poison", "steal"
            for thing in ("bank", "water", "computer", "car")]
 BENIGN = [f"what is the capital of {place}" for place in ("france", "paris", "water", "day")] + [
     "how do I cook rice", "write one word", "help me find the number"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from app.model.tiny import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

@@ -100,3 +100,25 @@ def test_report_outputs(tmp_path: Path) -> None:
     write_json(report, tmp_path / "r.json")
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_store_in_patches_merges_by_config_and_set(tmp_path: Path) -> None:
+    from app.factory.report import store_in_patches
+    from app.patches.metadata import PatchMetadata
+
+    PatchMetadata(name="p", rank=4, target_modules=["q_proj"], weights_sha256="0").write(tmp_path)
+
+    def entry(config: str, prompts: str, rate: float) -> dict:
+        return {"config": config, "prompts": prompts, "kind": "harmful", "n": 1,
+                "refusal_rate": rate, "examples": [{"prompt": "x", "response": "y"}]}
+
+    first = build_report([entry("base", "h", 0.0), entry("p", "h", 1.0), entry("q", "h", 0.5)])
+    assert store_in_patches(first, {"p": tmp_path}) == ["p"]
+    second = build_report([entry("p", "h", 0.75), entry("p", "other", 0.25),
+                           entry("p+q", "other", 0.5)])
+    store_in_patches(second, {"p": tmp_path, "missing": tmp_path / "nope"})
+    stored = (PatchMetadata.read(tmp_path).evaluation or {})["entries"]
+    got = {(e["config"], e["prompts"]): e["refusal_rate"] for e in stored}
+    assert got == {("base", "h"): 0.0, ("p", "h"): 0.75, ("p", "other"): 0.25,
+                   ("p+q", "other"): 0.5}
+    assert all("examples" not in e and "created_at" in e for e in stored)

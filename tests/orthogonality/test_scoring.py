@@ -54,9 +54,9 @@ def test_crafted_adapters_score_one_or_zero(tiny_model, base_weights, tmp_path, 
 
 
 def test_random_adapters_land_near_the_baseline(tiny_model, base_weights, tmp_path):
-    """Seeded random adapters: ΔW-weighted φ within 35% of E[φ] = max(r, k)/d on both sides
-    (per-module spread is about ±35% at d = 32..128, r = k = 4; the mean over 4 adapters × 14
-    modules is far tighter), and far from the in-span value 1."""
+    """Seeded random adapters: ΔW-weighted φ / E[φ] (E[φ] = max(r, k)/d) averages 1 on both
+    sides. One adapter's ratio has a spread of about ±0.09 here (d = 32..128, r = k = 4,
+    14 modules), so the mean of 4 lies within 0.25 of 1 (5 σ); an in-span adapter's is ~16."""
     ratios = {"right": [], "left": []}
     for seed in range(4):
         adapter = write_lora(tmp_path / f"rand{seed}",
@@ -65,7 +65,7 @@ def test_random_adapters_land_near_the_baseline(tiny_model, base_weights, tmp_pa
         for side in ratios:
             ratios[side].append(summary[side]["phi"] / summary[side]["phi_baseline"])
     for side, values in ratios.items():
-        assert abs(sum(values) / len(values) - 1) < 0.35, (side, values)
+        assert abs(sum(values) / len(values) - 1) < 0.25, (side, values)
 
 
 def test_peft_written_adapter_matches_peft_delta_weight(tiny_model, tmp_path):

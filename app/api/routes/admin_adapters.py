@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from app.api.deps import Admin, State
-from app.errors import BadRequest, PayloadTooLarge
+from app.errors import BadRequest, Conflict
 from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from app.patches.scores import schedule_scoring
 
@@ -39,10 +39,7 @@ async def get_adapter(name: str, state: State, _: Admin) -> dict[str, Any]:
 
 
 async def _read_upload(request: Request, state: State, actor: str):
-    limit = state.settings.max_adapter_bytes
-    if int(request.headers.get("content-length") or 0) > limit + 1_000_000:
-        raise PayloadTooLarge(f"upload is larger than {limit} bytes")
-    form = await request.form()
+    form = await request.form()  # size already bounded by BodySizeLimit
     name = form.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("multipart upload needs a 'name' field", param="name",
@@ -88,6 +85,11 @@ async def register_adapter(request: Request, state: State, actor: Admin) -> dict
 
 @router.delete("/{name}", status_code=204)
 async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
+    users = [t.id for t in state.tenants.list() if name in t.policy.allowed()]
+    if users:
+        raise Conflict(f"patch '{name}' is named in the policies of tenants "
+                       f"{', '.join(users)}; remove it from them first", param="name",
+                       code="patch_in_use")
     await state.registry.delete(name, actor)
     state.metrics.adapter_events.labels("deleted").inc()
     return Response(status_code=204)

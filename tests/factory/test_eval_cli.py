@@ -1,0 +1,79 @@
+"""`safepatch eval` end to end through the real vLLM engine on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.patches.metadata import PatchMetadata
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_path: Path
+                             ) -> None:
+    pytest.importorskip("vllm")
+    config, result = trained_patch
+    store = tmp_path / "adapters"
+    store.mkdir()
+    patch_dir = store / "tiny-refusal"
+    patch_dir.symlink_to(result.out_dir, target_is_directory=True)
+    _zero_patch(tiny_model, store / "zero")
+    report_path, png = tmp_path / "report.json", tmp_path / "chart.png"
+    env = {**os.environ, "SAFEPATCH_ADAPTERS_DIR": str(store), "OMP_NUM_THREADS": "2",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "SAFEPATCH_MAX_NUM_SEQS": "16"}
+    command = [
+        sys.executable, "-m", "app.cli.evaluate", "--model", str(tiny_model),
+        "--patch", "tiny-refusal", "--patch", str(store / "zero"), "--stack", "tiny-refusal+zero",
+        "--prompts", f"{prompt_files['harmful']}?column=request&kind=harmful&name=harm",
+        "--prompts", f"{prompt_files['benign']}?kind=benign&name=good",
+        "--split", "all", "--max-tokens", "8", "--json", str(report_path), "--plot", str(png),
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refusal" in done.stdout  # the printed table
+    report = json.loads(report_path.read_text())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    entries = {(e["config"], e["prompts"]): e for e in report["entries"]}
+    assert len(report["entries"]) == 4 * 2 and report["max_tokens"] == 8
+    base_good = entries[("base", "good")]
+    assert base_good["unchanged_rate"] == 1.0 and base_good["mean_kl"] == 0.0
+    patched_harm = entries[("tiny-refusal", "harm")]
+    assert patched_harm["n"] == 16 and 0.0 <= patched_harm["refusal_rate"] <= 1.0
+    patched_good = entries[("tiny-refusal", "good")]
+    assert patched_good["mean_kl"] > 0.0  # the trained patch changes the distributions
+    # the patch is served: its outputs differ from the base model's on the harmful prompts
+    base_texts = [x["response"] for x in entries[("base", "harm")]["examples"]]
+    assert [x["response"] for x in patched_harm["examples"]] != base_texts
+    # a zero LoRA is the base model: KL exactly 0 through the real KL path, outputs identical
+    zero_good = entries[("zero", "good")]
+    assert zero_good["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert zero_good["unchanged_rate"] == 1.0
+    assert entries[("zero", "harm")]["refusal_rate"] == entries[("base", "harm")]["refusal_rate"]
+    # stacking with the zero patch changes nothing (exact rank concatenation)
+    stacked = entries[("tiny-refusal+zero", "good")]
+    assert stacked["mean_kl"] == pytest.approx(patched_good["mean_kl"], rel=1e-3, abs=1e-6)
+    assert stacked["refusal_rate"] == patched_good["refusal_rate"]
+    meta = PatchMetadata.read(result.out_dir)
+    assert meta is not None and meta.evaluation is not None
+    assert {e["config"] for e in meta.evaluation["entries"]} == {
+        "base", "tiny-refusal", "tiny-refusal+zero"}
+
+
+def _zero_patch(model_dir: Path, out: Path) -> None:
+    """A rank-2 LoRA with B = 0 (PEFT's default init): its update is exactly zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4,
+                                                  target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(out)
