@@ -69,7 +69,7 @@ async def _start_engine(state: AppState) -> None:
     state.metrics.engine_ready.set(1)
     for record in state.registry.list():
         if record.pinned:
-            await state.engine.pin_lora(state.registry.target(record))
+            await state.engine.pin_lora(state.registry.targets.single(record))
             state.metrics.adapter_events.labels("loaded").inc()
 
 
@@ -82,8 +82,9 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
                              max_bytes=settings.max_adapter_bytes)
     registry.scan_store()
     engine = engine_factory(settings, model_dir)
-    registry.engine = engine
+    registry.targets.engine = engine
     metrics = Metrics()
+    registry.targets.on_event = lambda event: metrics.adapter_events.labels(event).inc()
     model_name = settings.served_model_name or model_dir.name
     serving = CompletionServing(engine, PromptBuilder(model_dir, settings.max_model_len),
                                 registry, metrics, model_name, settings.log_prompts)

@@ -7,15 +7,11 @@ nor rows behind. Engine side effects (pin, unload) go through the `EngineClient`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import shutil
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from app import db
 from app.engine.types import EngineClient, LoraTarget
 from app.errors import BadRequest, Conflict, NotFound
 from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata
-from app.patches.stacking import combine_adapters, combined_name
+from app.patches.targets import ServingTargets
 from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
 
 logger = logging.getLogger(__name__)
@@ -83,18 +79,14 @@ class PatchRegistry:
                  max_rank: int, max_bytes: int, max_stacked: int = 32) -> None:
         self.db = database
         self.store_dir = store_dir.resolve()
-        self.stack_dir = cache_dir / "stacked"
         self.model_dir = model_dir
         self.max_rank = max_rank
         self.max_bytes = max_bytes
-        self.max_stacked = max_stacked
-        self.engine: EngineClient | None = None
-        self._ids: dict[tuple[str, str], int] = {}  # (name, sha256) -> vLLM lora_int_id
-        self._stacked: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU of combinations
-        self._build_locks: dict[str, asyncio.Lock] = {}  # one build per combination at a time
-        self._leases: dict[int, int] = {}  # lora_int_id -> requests in flight
-        # to unload (and maybe delete from disk) once their leases end
-        self._retired: dict[int, tuple[LoraTarget, bool]] = {}
+        self.targets = ServingTargets(cache_dir / "stacked", max_rank, max_stacked)
+
+    @property
+    def engine(self) -> EngineClient | None:
+        return self.targets.engine
 
     # --- reads -----------------------------------------------------------------------
     def list(self) -> list[PatchRecord]:
@@ -191,14 +183,9 @@ class PatchRegistry:
             conn.execute(db.patches.update().where(db.patches.c.name == name).values(
                 status="deleted", pinned=False, updated_at=db.utcnow()))
             db.audit(conn, actor, "patch.delete", name, sha256=record.sha256)
-        if record.source == "upload":
-            shutil.rmtree(record.path, ignore_errors=True)
-        for key in [k for k in self._stacked if name in k.split("+")]:
-            self._retire(self._stacked.pop(key))
-        target = self._ids.get((record.name, record.sha256))
-        if target is not None:
-            self._retire(LoraTarget(name, target, record.path))
-        await self._unload_retired()
+        # an uploaded patch's files are ours: gone once no request in flight needs them
+        self.targets.retire_patch(record, remove_files=record.source == "upload")
+        await self.targets.unload_retired()
 
     async def set_pinned(self, name: str, pinned: bool, actor: str) -> PatchRecord:
         record = self.get(name)
@@ -207,7 +194,7 @@ class PatchRegistry:
                          .values(pinned=pinned, updated_at=db.utcnow()))
             db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
         if self.engine is not None and self.engine.is_ready:
-            target = self.target(record)
+            target = self.targets.single(record)
             if pinned:
                 await self.engine.pin_lora(target)
             else:  # vLLM has no unpin: unload, then load again unpinned
@@ -278,75 +265,6 @@ class PatchRegistry:
         return self.get(name)
 
     # --- serving ---------------------------------------------------------------------
-    def _int_id(self, name: str, sha256: str) -> int:
-        int_id = self._ids.setdefault((name, sha256), len(self._ids) + 1)
-        self._retired.pop(int_id, None)  # asked for again: keep it loaded
-        return int_id
-
-    def target(self, record: PatchRecord) -> LoraTarget:
-        return LoraTarget(record.name, self._int_id(record.name, record.sha256), record.path)
-
     async def lora_for(self, names: list[str]) -> LoraTarget | None:
-        """The single LoRA serving exactly these patches: none, the patch itself, or their
-        exact stack (built once, cached on disk and in an LRU)."""
-        if not names:
-            return None
-        records = [self.get(n) for n in sorted(set(names))]
-        if len(records) == 1 and not records[0].meta.get("serve_folded"):
-            return self.target(records[0])
-        key = "+".join(r.name for r in records)
-        rank = sum(r.rank for r in records)
-        if rank > self.max_rank:
-            raise BadRequest(
-                f"stacking {key} needs LoRA rank {rank}, above the engine's max_lora_rank "
-                f"{self.max_rank}", param="safety_patches", code="stacked_rank_too_large")
-        disk_name = combined_name([r.name for r in records], [r.sha256 for r in records])
-        cached = self._stacked.get(key)
-        if cached is not None and cached.path.name == disk_name:
-            self._stacked.move_to_end(key)
-            return cached
-        out_dir = self.stack_dir / disk_name
-        async with self._build_locks.setdefault(disk_name, asyncio.Lock()):
-            if not (out_dir / WEIGHTS_FILE).is_file():
-                await asyncio.to_thread(combine_adapters, [r.path for r in records], out_dir)
-                self._build_locks.pop(disk_name, None)
-        target = LoraTarget(key, self._int_id(disk_name, disk_name), out_dir)
-        self._stacked[key] = target
-        while len(self._stacked) > self.max_stacked:
-            self._retire(self._stacked.popitem(last=False)[1], remove_files=True)
-        return target
-
-    @contextmanager
-    def lease(self, target: LoraTarget | None) -> Iterator[None]:
-        """Hold `target` while a request uses it, so unloading waits for it to finish."""
-        if target is None:
-            yield
-            return
-        self._leases[target.int_id] = self._leases.get(target.int_id, 0) + 1
-        try:
-            yield
-        finally:
-            self._leases[target.int_id] -= 1
-            if not self._leases[target.int_id] and target.int_id in self._retired:
-                self._schedule_unload()
-
-    def _retire(self, target: LoraTarget, remove_files: bool = False) -> None:
-        self._retired[target.int_id] = (target, remove_files)
-        self._schedule_unload()
-
-    def _schedule_unload(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside the server's loop (CLI, tests): unload later
-            return
-        loop.create_task(self._unload_retired())
-
-    async def _unload_retired(self) -> None:
-        for int_id, (target, remove_files) in list(self._retired.items()):
-            if self._leases.get(int_id):
-                continue
-            del self._retired[int_id]
-            if self.engine is not None and self.engine.is_ready:
-                await self.engine.remove_lora(target)
-            if remove_files:
-                shutil.rmtree(target.path, ignore_errors=True)
+        """The single LoRA serving exactly these patches (see app.patches.targets)."""
+        return await self.targets.for_patches([self.get(n) for n in sorted(set(names))])

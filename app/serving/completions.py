@@ -142,7 +142,7 @@ class CompletionServing:
         if self.log_prompts:
             logger.info("prompt", extra={"prompt": self.prompts.tokenizer.decode(ids),
                                          "patches": ",".join(who.patches)})
-        with self.registry.lease(who.lora):
+        with self.registry.targets.lease(who.lora):
             try:
                 async for chunk in self.engine.generate(ids, sampling, rid, who.lora):
                     if first is None and chunk.token_ids:
