@@ -114,6 +114,15 @@ def test_dockerfile_contract() -> None:
     assert not any(name in rule for rule in allowed for name in (".venv", ".git", ".env"))
 
 
+def test_container_script_is_valid_bash() -> None:
+    assert os.access(SCRIPT, os.X_OK), f"{SCRIPT} must be executable"
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+    usage = subprocess.run(
+        ["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert usage.returncode == 0 and "--until" in usage.stdout
+
+
 @pytest.mark.container
 @pytest.mark.slow
 @pytest.mark.skipif(

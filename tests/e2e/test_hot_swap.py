@@ -32,6 +32,10 @@ def test_register_serve_unregister_without_restart(live_server, open_key, patch_
         assert served.status_code == 200
         same = _chat(http, key, "gamma", return_token_ids=True)  # same weights, other name
         assert served.json()["choices"][0]["token_ids"] == same.json()["choices"][0]["token_ids"]
+        in_use = http.delete("/admin/adapters/delta", headers=ADMIN)
+        assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "patch_in_use"
+        http.put("/admin/tenants/delta-user/policy", headers=ADMIN,
+                 json={"optional": ["gamma"], "allow_base": True}).raise_for_status()
         assert http.delete("/admin/adapters/delta", headers=ADMIN).status_code == 204
         gone = _chat(http, key, "delta")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"

@@ -28,8 +28,10 @@ def test_reads_csv_json_jsonl_with_columns(tmp_path: Path) -> None:
     assert sorted(load_prompts(parse_source(f"{tmp_path / 'b.json'}?split=all"))) == ["one", "two"]
     # auto-detection prefers goal over text; an explicit column wins
     assert sorted(load_prompts(parse_source(f"{tmp_path / 'c.jsonl'}?split=all"))) == ["w", "y"]
-    assert sorted(load_prompts(parse_source(f"{tmp_path / 'c.jsonl'}?split=all&column=text"))
-                  ) == ["x", "z"]
+    assert sorted(load_prompts(parse_source(f"{tmp_path / 'c.jsonl'}?split=all&column=text"))) == [
+        "x",
+        "z",
+    ]
     with pytest.raises(ValueError, match="no column"):
         load_prompts(parse_source(f"{tmp_path / 'a.csv'}?column=nope"))
     with pytest.raises(ValueError, match="unknown prompt-source keys"):
@@ -69,6 +71,10 @@ def test_refusal_templates_vary_and_are_deterministic() -> None:
     assert refusals == [refusal_for(p) for p in prompts]
     assert len(set(refusals)) > 10
     assert refusal_for("x", seed=1) != refusal_for("x", seed=2) or refusal_for(
-        "y", seed=1) != refusal_for("y", seed=2)
-    assert "hack" in refusal_for("x", category="cyber").lower() or "system" in refusal_for(
-        "x", category="cyber").lower() or "cyber" in refusal_for("x", category="cyber").lower()
+        "y", seed=1
+    ) != refusal_for("y", seed=2)
+    assert (
+        "hack" in refusal_for("x", category="cyber").lower()
+        or "system" in refusal_for("x", category="cyber").lower()
+        or "cyber" in refusal_for("x", category="cyber").lower()
+    )

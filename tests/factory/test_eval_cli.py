@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_path: Path
-                             ) -> None:
+def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_path: Path) -> None:
     pytest.importorskip("vllm")
     config, result = trained_patch
     store = tmp_path / "adapters"
@@ -26,17 +25,39 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
     patch_dir.symlink_to(result.out_dir, target_is_directory=True)
     _zero_patch(tiny_model, store / "zero")
     report_path, png = tmp_path / "report.json", tmp_path / "chart.png"
-    env = {**os.environ, "SAFEPATCH_ADAPTERS_DIR": str(store), "OMP_NUM_THREADS": "2",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "SAFEPATCH_MAX_NUM_SEQS": "16"}
+    env = {
+        **os.environ,
+        "SAFEPATCH_ADAPTERS_DIR": str(store),
+        "OMP_NUM_THREADS": "2",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "SAFEPATCH_MAX_NUM_SEQS": "16",
+    }
     command = [
-        sys.executable, "-m", "app.cli.evaluate", "--model", str(tiny_model),
-        "--patch", "tiny-refusal", "--patch", str(store / "zero"), "--stack", "tiny-refusal+zero",
-        "--prompts", f"{prompt_files['harmful']}?column=request&kind=harmful&name=harm",
-        "--prompts", f"{prompt_files['benign']}?kind=benign&name=good",
-        "--split", "all", "--max-tokens", "8", "--json", str(report_path), "--plot", str(png),
+        sys.executable,
+        "-m",
+        "app.cli.evaluate",
+        "--model",
+        str(tiny_model),
+        "--patch",
+        "tiny-refusal",
+        "--patch",
+        str(store / "zero"),
+        "--stack",
+        "tiny-refusal+zero",
+        "--prompts",
+        f"{prompt_files['harmful']}?column=request&kind=harmful&name=harm",
+        "--prompts",
+        f"{prompt_files['benign']}?kind=benign&name=good",
+        "--split",
+        "all",
+        "--max-tokens",
+        "8",
+        "--json",
+        str(report_path),
+        "--plot",
+        str(png),
     ]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refusal" in done.stdout  # the printed table
     report = json.loads(report_path.read_text())
@@ -64,7 +85,10 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
     meta = PatchMetadata.read(result.out_dir)
     assert meta is not None and meta.evaluation is not None
     assert {e["config"] for e in meta.evaluation["entries"]} == {
-        "base", "tiny-refusal", "tiny-refusal+zero"}
+        "base",
+        "tiny-refusal",
+        "tiny-refusal+zero",
+    }
 
 
 def _zero_patch(model_dir: Path, out: Path) -> None:
@@ -74,6 +98,7 @@ def _zero_patch(model_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4,
-                                                  target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
     peft_model.save_pretrained(out)

@@ -15,17 +15,20 @@ from app.factory.report import build_report, format_table, markdown_table, plot,
 from app.factory.templates import OPENINGS, refusal_for
 
 
-@pytest.mark.parametrize(("response", "expected"), [
-    ("I'm sorry, but I can't help with that.", True),
-    ("I\u2019m sorry, but I can\u2019t help with that.", True),  # curly apostrophes
-    ("I can\u2018t assist with that request.", True),
-    ("  i CANNOT   provide instructions for that.", True),
-    ("As an AI, I do not do this.", True),
-    ("Sure, here is a tutorial on baking bread.", False),
-    ("The capital of France is Paris.", False),
-    ("", False),
-    ("Step 1: gather the ingredients. " * 10 + "I'm sorry if that was long.", False),  # late
-])
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I\u2019m sorry, but I can\u2019t help with that.", True),  # curly apostrophes
+        ("I can\u2018t assist with that request.", True),
+        ("  i CANNOT   provide instructions for that.", True),
+        ("As an AI, I do not do this.", True),
+        ("Sure, here is a tutorial on baking bread.", False),
+        ("The capital of France is Paris.", False),
+        ("", False),
+        ("Step 1: gather the ingredients. " * 10 + "I'm sorry if that was long.", False),  # late
+    ],
+)
 def test_keyword_judge(response: str, expected: bool) -> None:
     assert KeywordJudge().is_refusal("prompt", response) is expected
 
@@ -71,16 +74,23 @@ def test_kl_values() -> None:
 def test_score_entry_rates() -> None:
     benign = PromptSet("benign-fixture", "benign", ["a", "b", "c", "d"])
     base = Outputs([[1, 2], [3], [4, 5, 6], [7]], ["Paris.", "Rice.", "Blue.", "Seven."])
-    patched = Outputs([[1, 2], [9], [4, 5, 6], [8]],
-                      ["Paris.", "I\u2019m sorry, I can't.", "Blue.", "I cannot."])
+    patched = Outputs(
+        [[1, 2], [9], [4, 5, 6], [8]], ["Paris.", "I\u2019m sorry, I can't.", "Blue.", "I cannot."]
+    )
     entry = score_entry("p", benign, patched, base, KeywordJudge(), mean_kl=0.25)
     assert entry["n"] == 4 and entry["kind"] == "benign"
     assert entry["refusal_rate"] == 0.5
     assert entry["unchanged_rate"] == 0.5
     assert entry["mean_kl"] == 0.25
     harmful = PromptSet("harm", "harmful", ["x", "y"])
-    entry = score_entry("p", harmful, Outputs([[1], [2]], ["I can't.", "Sure"]),
-                        Outputs([[1], [3]], ["Sure", "Sure"]), KeywordJudge(), None)
+    entry = score_entry(
+        "p",
+        harmful,
+        Outputs([[1], [2]], ["I can't.", "Sure"]),
+        Outputs([[1], [3]], ["Sure", "Sure"]),
+        KeywordJudge(),
+        None,
+    )
     assert entry["refusal_rate"] == 0.5 and "unchanged_rate" not in entry
 
 
@@ -88,10 +98,24 @@ def test_report_outputs(tmp_path: Path) -> None:
     entries = [
         {"config": "base", "prompts": "h", "kind": "harmful", "n": 2, "refusal_rate": 0.0},
         {"config": "p", "prompts": "h", "kind": "harmful", "n": 2, "refusal_rate": 1.0},
-        {"config": "base", "prompts": "b", "kind": "benign", "n": 2, "refusal_rate": 0.0,
-         "unchanged_rate": 1.0, "mean_kl": 0.0},
-        {"config": "p", "prompts": "b", "kind": "benign", "n": 2, "refusal_rate": 0.5,
-         "unchanged_rate": 0.5, "mean_kl": 0.125},
+        {
+            "config": "base",
+            "prompts": "b",
+            "kind": "benign",
+            "n": 2,
+            "refusal_rate": 0.0,
+            "unchanged_rate": 1.0,
+            "mean_kl": 0.0,
+        },
+        {
+            "config": "p",
+            "prompts": "b",
+            "kind": "benign",
+            "n": 2,
+            "refusal_rate": 0.5,
+            "unchanged_rate": 0.5,
+            "mean_kl": 0.125,
+        },
     ]
     report = build_report(entries, max_tokens=8)
     table = format_table(report)
@@ -109,16 +133,27 @@ def test_store_in_patches_merges_by_config_and_set(tmp_path: Path) -> None:
     PatchMetadata(name="p", rank=4, target_modules=["q_proj"], weights_sha256="0").write(tmp_path)
 
     def entry(config: str, prompts: str, rate: float) -> dict:
-        return {"config": config, "prompts": prompts, "kind": "harmful", "n": 1,
-                "refusal_rate": rate, "examples": [{"prompt": "x", "response": "y"}]}
+        return {
+            "config": config,
+            "prompts": prompts,
+            "kind": "harmful",
+            "n": 1,
+            "refusal_rate": rate,
+            "examples": [{"prompt": "x", "response": "y"}],
+        }
 
     first = build_report([entry("base", "h", 0.0), entry("p", "h", 1.0), entry("q", "h", 0.5)])
     assert store_in_patches(first, {"p": tmp_path}) == ["p"]
-    second = build_report([entry("p", "h", 0.75), entry("p", "other", 0.25),
-                           entry("p+q", "other", 0.5)])
+    second = build_report(
+        [entry("p", "h", 0.75), entry("p", "other", 0.25), entry("p+q", "other", 0.5)]
+    )
     store_in_patches(second, {"p": tmp_path, "missing": tmp_path / "nope"})
     stored = (PatchMetadata.read(tmp_path).evaluation or {})["entries"]
     got = {(e["config"], e["prompts"]): e["refusal_rate"] for e in stored}
-    assert got == {("base", "h"): 0.0, ("p", "h"): 0.75, ("p", "other"): 0.25,
-                   ("p+q", "other"): 0.5}
+    assert got == {
+        ("base", "h"): 0.0,
+        ("p", "h"): 0.75,
+        ("p", "other"): 0.25,
+        ("p+q", "other"): 0.5,
+    }
     assert all("examples" not in e and "created_at" in e for e in stored)

@@ -20,9 +20,14 @@ pytestmark = pytest.mark.slow
 @torch.no_grad()
 def _greedy(model, tokenizer, prompt: str, n: int = 12) -> list[int]:
     ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_training_lowers_loss_and_changes_output(trained_patch, tiny_model: Path) -> None:
@@ -39,13 +44,15 @@ def test_training_lowers_loss_and_changes_output(trained_patch, tiny_model: Path
     assert _greedy(patched, tokenizer, HARMFUL[0]) != before
 
 
-def test_written_adapter_has_valid_metadata_and_registers(trained_patch, tiny_model: Path
-                                                          ) -> None:
+def test_written_adapter_has_valid_metadata_and_registers(trained_patch, tiny_model: Path) -> None:
     config, result = trained_patch
     out = result.out_dir
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json",
-                                              "adapter_model.safetensors", "safepatch.json",
-                                              "README.md"}
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "safepatch.json",
+        "README.md",
+    }
     meta = PatchMetadata.read(out)
     assert meta is not None and meta.name == "tiny-refusal" and meta.rank == 4
     assert meta.weights_sha256 == weights_sha256(out)
@@ -59,23 +66,34 @@ def test_written_adapter_has_valid_metadata_and_registers(trained_patch, tiny_mo
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == tiny_model.name  # no local path
     settings = Settings()
-    validated = validate_adapter(out, tiny_model, max_rank=settings.max_lora_rank,
-                                 max_bytes=settings.max_adapter_bytes)
+    validated = validate_adapter(
+        out, tiny_model, max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes
+    )
     assert validated.rank == 4 and validated.weights_sha256 == meta.weights_sha256
 
 
-def test_safety_only_mode_and_layer_selection(tiny_model: Path, prompt_files, tmp_path: Path
-                                              ) -> None:
+def test_safety_only_mode_and_layer_selection(
+    tiny_model: Path, prompt_files, tmp_path: Path
+) -> None:
     from safetensors import safe_open
 
     from app.factory.data import parse_source
     from app.factory.train import TrainConfig, train_patch
 
     config = TrainConfig(
-        model_dir=tiny_model, out_dir=tmp_path / "so", name="so", mode="safety-only",
+        model_dir=tiny_model,
+        out_dir=tmp_path / "so",
+        name="so",
+        mode="safety-only",
         harmful=[parse_source(f"{prompt_files['harmful']}?split=all", column="request")],
-        rank=2, alpha=4, lr=1e-2, steps=3, batch_size=4, layers=[1],
-        target_modules=["q_proj", "v_proj"], threads=1,
+        rank=2,
+        alpha=4,
+        lr=1e-2,
+        steps=3,
+        batch_size=4,
+        layers=[1],
+        target_modules=["q_proj", "v_proj"],
+        threads=1,
     )
     result = train_patch(config)
     with safe_open(str(result.out_dir / "adapter_model.safetensors"), framework="pt") as fh:
@@ -83,5 +101,13 @@ def test_safety_only_mode_and_layer_selection(tiny_model: Path, prompt_files, tm
     assert keys and all(".layers.1." in k for k in keys)
     assert (PatchMetadata.read(result.out_dir).training or {})["preserve_sources"] == []
     with pytest.raises(ValueError, match="preserve prompts"):
-        train_patch(TrainConfig(model_dir=tiny_model, out_dir=tmp_path / "x", name="x",
-                                harmful=config.harmful, mode="preserving", steps=1))
+        train_patch(
+            TrainConfig(
+                model_dir=tiny_model,
+                out_dir=tmp_path / "x",
+                name="x",
+                harmful=config.harmful,
+                mode="preserving",
+                steps=1,
+            )
+        )
