@@ -182,11 +182,9 @@ def check_structure(config: Mapping[str, Any], header: HeaderInfo) -> None:
             )
 
 
-def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
-    """Load an adapter as {base weight name: LoraModule(A, B, s)}; tensors keep their dtype.
-
-    Raises LoraFormatError for a non-LoRA config, features listed by `unsupported_features`,
-    stray keys or inconsistent shapes."""
+def read_checked(adapter_dir: Path) -> tuple[dict[str, Any], HeaderInfo]:
+    """Config and safetensors header of a plain LoRA, checked against each other (no tensors
+    loaded). Raises LoraFormatError."""
     config = read_config(adapter_dir)
     problems = unsupported_features(config)
     if problems:
@@ -195,6 +193,15 @@ def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
         )
     header = read_header(adapter_dir)
     check_structure(config, header)
+    return config, header
+
+
+def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
+    """Load an adapter as {base weight name: LoraModule(A, B, s)}; tensors keep their dtype.
+
+    Raises LoraFormatError for a non-LoRA config, features listed by `unsupported_features`,
+    stray keys or inconsistent shapes."""
+    config, header = read_checked(adapter_dir)
     modules: dict[str, LoraModule] = {}
     with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as fh:
         for name, (a_key, b_key) in header.keys.items():

@@ -33,8 +33,8 @@ import torch
 from safetensors import safe_open
 
 from app.model.identity import model_identity, weight_shapes
-from app.patches.lora_config import LoraFormatError, read_config, unsupported_features
-from app.patches.lora_io import check_structure, leaf_names, read_header
+from app.patches.lora_config import LoraFormatError
+from app.patches.lora_io import leaf_names, read_checked
 from app.patches.metadata import CONFIG_FILE, NAME_PATTERN, WEIGHTS_FILE, weights_sha256
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
@@ -112,14 +112,7 @@ def validate_adapter(
             f"adapter is {size} bytes, the limit is {max_bytes}", None, "too_large"
         )
     try:
-        config = read_config(adapter_dir)
-        problems = unsupported_features(config)
-        if problems:
-            raise LoraFormatError(
-                "unsupported LoRA features: " + "; ".join(problems), "unsupported_feature"
-            )
-        header = read_header(adapter_dir)
-        check_structure(config, header)
+        config, header = read_checked(adapter_dir)
     except LoraFormatError as exc:
         raise AdapterValidationError(exc.message, exc.param, exc.code) from exc
 
