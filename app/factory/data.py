@@ -105,14 +105,26 @@ class PromptSource:
 
 
 def parse_source(
-    spec: str, *, column: str | None = None, split: Split = "train", kind: Kind | None = None,
+    spec: str,
+    *,
+    column: str | None = None,
+    split: Split = "train",
+    kind: Kind | None = None,
     limit: int | None = None,
 ) -> PromptSource:
     """Parse `PATH[?key=value&...]`; keyword arguments are defaults the query can override."""
     path_part, _, query = spec.partition("?")
     params = parse_qs(query, keep_blank_values=False)
-    unknown = set(params) - {"column", "split", "match", "exclude", "where", "limit", "kind",
-                             "name"}
+    unknown = set(params) - {
+        "column",
+        "split",
+        "match",
+        "exclude",
+        "where",
+        "limit",
+        "kind",
+        "name",
+    }
     if unknown:
         raise ValueError(f"unknown prompt-source keys {sorted(unknown)} in {spec!r}")
 
@@ -134,9 +146,14 @@ def parse_source(
         raise ValueError(f"kind must be harmful or benign, got {kind_value!r}")
     limit_value = one("limit")
     return PromptSource(
-        path=Path(path_part), column=one("column") or column, split=split_value,  # type: ignore[arg-type]
-        match=one("match"), exclude=one("exclude"), where=tuple(where),
-        limit=int(limit_value) if limit_value else limit, kind=kind_value,  # type: ignore[arg-type]
+        path=Path(path_part),
+        column=one("column") or column,
+        split=split_value,  # type: ignore[arg-type]
+        match=one("match"),
+        exclude=one("exclude"),
+        where=tuple(where),
+        limit=int(limit_value) if limit_value else limit,
+        kind=kind_value,  # type: ignore[arg-type]
         name=one("name"),
     )
 
@@ -149,8 +166,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         with path.open(newline="", encoding="utf-8") as fh:
             return [dict(row) for row in csv.DictReader(fh)]
     if suffix == ".jsonl":
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
+        items = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     elif suffix == ".json":
         items = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(items, dict):  # {"data": [...]} and similar single-key wrappers

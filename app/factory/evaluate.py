@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ def resolve_patch(name_or_path: str, adapters_dir: Path) -> tuple[str, Path]:
     return name_or_path, path
 
 
-def build_configs(patches: Sequence[str], stacks: Sequence[str], adapters_dir: Path,
-                  work_dir: Path) -> list[EvalConfig]:
+def build_configs(
+    patches: Sequence[str], stacks: Sequence[str], adapters_dir: Path, work_dir: Path
+) -> list[EvalConfig]:
     """Base first, then each patch, then each stack ('a+b' -> one combined adapter)."""
     configs = [EvalConfig(BASE, None)]
     for item in patches:
@@ -86,13 +88,21 @@ def build_configs(patches: Sequence[str], stacks: Sequence[str], adapters_dir: P
     return configs
 
 
-def generate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[PromptSet],
-             max_tokens: int, settings: Settings) -> dict[tuple[str, str], Outputs]:
+def generate(
+    model_dir: Path,
+    configs: Sequence[EvalConfig],
+    sets: Sequence[PromptSet],
+    max_tokens: int,
+    settings: Settings,
+) -> dict[tuple[str, str], Outputs]:
     """Greedy responses of every configuration on every set, through one vLLM engine."""
     from transformers import AutoTokenizer
 
     from app.engine.args import engine_kwargs, prepare_environment
 
+    # Offline evaluation on a busy CPU can take minutes per step; vLLM's default 300 s step
+    # timeout would kill the engine mid-run.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     prepare_environment(settings)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -103,7 +113,11 @@ def generate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[Prom
     inputs = [TokensPrompt(prompt_token_ids=chat_prompt_ids(tokenizer, p)) for _, p in flat]
     kwargs = engine_kwargs(settings, model_dir)
     ranks = [_adapter_rank(c.adapter_dir) for c in configs if c.adapter_dir is not None]
-    kwargs["max_lora_rank"] = max([kwargs["max_lora_rank"], *ranks])
+    # Size the LoRA slots to the adapters evaluated: vLLM pads every slot to max_lora_rank, and
+    # the CPU LoRA ops gather the padded factors per token, so rank 64 slots for rank-8 patches
+    # cost ~8x the memory traffic.
+    needed = max(ranks, default=8)
+    kwargs["max_lora_rank"] = next((r for r in (8, 16, 32, 64, 128, 256) if r >= needed), needed)
     limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     if limit:  # small test models have short contexts
         kwargs["max_model_len"] = min(kwargs["max_model_len"], int(limit))
@@ -112,8 +126,11 @@ def generate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[Prom
     results: dict[tuple[str, str], Outputs] = {}
     try:
         for lora_id, config in enumerate(configs):
-            request = None if config.adapter_dir is None else \
-                LoRARequest(config.name, lora_id, str(config.adapter_dir))
+            request = (
+                None
+                if config.adapter_dir is None
+                else LoRARequest(config.name, lora_id, str(config.adapter_dir))
+            )
             outputs = llm.generate(inputs, params, lora_request=request, use_tqdm=True)
             for (set_name, _), out in zip(flat, outputs, strict=True):
                 slot = results.setdefault((config.name, set_name), Outputs([], []))
@@ -130,28 +147,33 @@ def _adapter_rank(adapter_dir: Path) -> int:
 
 
 @torch.no_grad()
-def mean_kls(model_dir: Path, configs: Sequence[EvalConfig], prompts: Sequence[str],
-             base_responses: Sequence[Sequence[int]], *, batch_size: int = 8
-             ) -> dict[str, float]:
+def mean_kls(
+    model_dir: Path,
+    configs: Sequence[EvalConfig],
+    prompts: Sequence[str],
+    base_responses: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Token-weighted mean KL(base ‖ config) over the base's greedy responses (full vocab)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     patched = [c for c in configs if c.adapter_dir is not None]
     totals = {c.name: 0.0 for c in configs}
     if patched:
-        model = PeftModel.from_pretrained(model, str(patched[0].adapter_dir),
-                                          adapter_name=_slot(0)).eval()
+        model = PeftModel.from_pretrained(
+            model, str(patched[0].adapter_dir), adapter_name=_slot(0)
+        ).eval()
         for i, config in enumerate(patched[1:], start=1):
             model.load_adapter(str(config.adapter_dir), adapter_name=_slot(i))
     keep = [i for i, r in enumerate(base_responses) if len(r) > 0]
     count = 0
     for start in tqdm(range(0, len(keep), batch_size), desc="KL(base || patched)", unit="batch"):
-        rows = keep[start:start + batch_size]
+        rows = keep[start : start + batch_size]
         prompt_ids = [chat_prompt_ids(tokenizer, prompts[i]) for i in rows]
         responses = [list(base_responses[i]) for i in rows]
         if patched:
@@ -171,9 +193,16 @@ def _slot(index: int) -> str:
     return f"cfg{index}"
 
 
-def evaluate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[PromptSet], *,
-             max_tokens: int = 32, settings: Settings | None = None,
-             judge: RefusalJudge | None = None, kl_batch_size: int = 8) -> list[dict[str, Any]]:
+def evaluate(
+    model_dir: Path,
+    configs: Sequence[EvalConfig],
+    sets: Sequence[PromptSet],
+    *,
+    max_tokens: int = 32,
+    settings: Settings | None = None,
+    judge: RefusalJudge | None = None,
+    kl_batch_size: int = 8,
+) -> list[dict[str, Any]]:
     """Run everything and return the report entries (one per configuration × prompt set)."""
     settings = settings or Settings()
     judge = judge or KeywordJudge()
@@ -181,29 +210,46 @@ def evaluate(model_dir: Path, configs: Sequence[EvalConfig], sets: Sequence[Prom
     entries: list[dict[str, Any]] = []
     for prompt_set in sets:
         base = outputs[(BASE, prompt_set.name)]
-        kls = mean_kls(model_dir, configs, prompt_set.prompts, base.token_ids,
-                       batch_size=kl_batch_size) if prompt_set.kind == "benign" else {}
+        kls = (
+            mean_kls(
+                model_dir, configs, prompt_set.prompts, base.token_ids, batch_size=kl_batch_size
+            )
+            if prompt_set.kind == "benign"
+            else {}
+        )
         for config in configs:
             out = outputs[(config.name, prompt_set.name)]
-            entries.append(score_entry(config.name, prompt_set, out, base, judge,
-                                       kls.get(config.name)))
+            entries.append(
+                score_entry(config.name, prompt_set, out, base, judge, kls.get(config.name))
+            )
     return entries
 
 
-def score_entry(config: str, prompt_set: PromptSet, out: Outputs, base: Outputs,
-                judge: RefusalJudge, mean_kl: float | None, examples: int = 3
-                ) -> dict[str, Any]:
+def score_entry(
+    config: str,
+    prompt_set: PromptSet,
+    out: Outputs,
+    base: Outputs,
+    judge: RefusalJudge,
+    mean_kl: float | None,
+    examples: int = 3,
+) -> dict[str, Any]:
     n = len(prompt_set.prompts)
     entry: dict[str, Any] = {
-        "config": config, "prompts": prompt_set.name, "kind": prompt_set.kind, "n": n,
+        "config": config,
+        "prompts": prompt_set.name,
+        "kind": prompt_set.kind,
+        "n": n,
         "refusal_rate": refusal_rate(judge, prompt_set.prompts, out.texts),
     }
     if prompt_set.kind == "benign":
         same = sum(a == b for a, b in zip(out.token_ids, base.token_ids, strict=True))
         entry["unchanged_rate"] = same / n if n else 0.0
         entry["mean_kl"] = mean_kl
-    entry["examples"] = [{"prompt": p, "response": r}
-                         for p, r in zip(prompt_set.prompts[:examples], out.texts, strict=False)]
+    entry["examples"] = [
+        {"prompt": p, "response": r}
+        for p, r in zip(prompt_set.prompts[:examples], out.texts, strict=False)
+    ]
     return entry
 
 

@@ -27,8 +27,9 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -48,34 +49,57 @@ class GreedyTarget:
 
 
 @torch.no_grad()
-def greedy_targets(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                   top_k: int, batch_size: int = 16, desc: str = "base greedy targets"
-                   ) -> list[GreedyTarget]:
+def greedy_targets(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    batch_size: int = 16,
+    desc: str = "base greedy targets",
+) -> list[GreedyTarget]:
     """The model's greedy responses (stopping at EOS) and its top-k log-probs at each step."""
     model.eval()
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: list[GreedyTarget] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        chunk = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        chunk = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         ids, mask = pad_batch(chunk, pad, left=True)
         gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=pad, eos_token_id=eos,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )
         logits = torch.stack(gen.logits, dim=1).float()  # (batch, steps, vocab)
         top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-        new_tokens = gen.sequences[:, ids.shape[1]:]
+        new_tokens = gen.sequences[:, ids.shape[1] :]
         for row, prompt_ids in enumerate(chunk):
             tokens = new_tokens[row].tolist()
             length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            out.append(GreedyTarget(prompt_ids, tokens[:length], top.values[row, :length].clone(),
-                                    top.indices[row, :length].clone()))
+            out.append(
+                GreedyTarget(
+                    prompt_ids,
+                    tokens[:length],
+                    top.values[row, :length].clone(),
+                    top.indices[row, :length].clone(),
+                )
+            )
     return out
 
 
-def response_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
-                      response_ids: Sequence[Sequence[int]], pad_id: int) -> list[torch.Tensor]:
+def response_logprobs(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+) -> list[torch.Tensor]:
     """Teacher-forced next-token log-probs (len(response), vocab) for each response token.
     Runs the LM head only on response positions. Gradients flow if enabled by the caller."""
     seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
@@ -97,8 +121,9 @@ def full_kl(base_logprobs: torch.Tensor, patched_logprobs: torch.Tensor) -> torc
     return (base_logprobs.exp() * (base_logprobs - patched_logprobs)).sum(-1).clamp(min=0.0)
 
 
-def topk_kl(top_logprobs: torch.Tensor, top_ids: torch.Tensor,
-            patched_logprobs: torch.Tensor) -> torch.Tensor:
+def topk_kl(
+    top_logprobs: torch.Tensor, top_ids: torch.Tensor, patched_logprobs: torch.Tensor
+) -> torch.Tensor:
     """KL(base ‖ patched) of the (top-k + rest) coarsening, per position (T,)."""
     q_top = patched_logprobs.gather(-1, top_ids)
     p_rest = (1 - top_logprobs.exp().sum(-1)).clamp(min=1e-8)

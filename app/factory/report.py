@@ -18,8 +18,7 @@ from typing import Any
 
 
 def build_report(entries: Sequence[dict[str, Any]], **info: Any) -> dict[str, Any]:
-    return {"created_at": datetime.now(timezone.utc).isoformat(), **info,
-            "entries": list(entries)}
+    return {"created_at": datetime.now(timezone.utc).isoformat(), **info, "entries": list(entries)}
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -36,24 +35,36 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [("config", "prompts", "kind", "n", "refusal", "unchanged", "mean KL")]
     for e in report["entries"]:
         kl = e.get("mean_kl")
-        rows.append((e["config"], e["prompts"], e["kind"], str(e["n"]), _pct(e["refusal_rate"]),
-                     _pct(e.get("unchanged_rate")), "-" if kl is None else f"{kl:.4f}"))
+        rows.append(
+            (
+                e["config"],
+                e["prompts"],
+                e["kind"],
+                str(e["n"]),
+                _pct(e["refusal_rate"]),
+                _pct(e.get("unchanged_rate")),
+                "-" if kl is None else f"{kl:.4f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-             for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = ["| config | prompts | kind | n | refusal | unchanged | mean KL |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| config | prompts | kind | n | refusal | unchanged | mean KL |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for e in report["entries"]:
         kl = e.get("mean_kl")
-        lines.append(f"| {e['config']} | {e['prompts']} | {e['kind']} | {e['n']} | "
-                     f"{_pct(e['refusal_rate']).strip()} | "
-                     f"{_pct(e.get('unchanged_rate')).strip()} | "
-                     f"{'-' if kl is None else f'{kl:.4f}'} |")
+        lines.append(
+            f"| {e['config']} | {e['prompts']} | {e['kind']} | {e['n']} | "
+            f"{_pct(e['refusal_rate']).strip()} | "
+            f"{_pct(e.get('unchanged_rate')).strip()} | "
+            f"{'-' if kl is None else f'{kl:.4f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -67,23 +78,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
     entries = report["entries"]
     configs = list(dict.fromkeys(e["config"] for e in entries))
     sets = list(dict.fromkeys(e["prompts"] for e in entries))
-    benign = [s for s in sets if any(e["prompts"] == s and e["kind"] == "benign"
-                                     for e in entries)]
+    benign = [s for s in sets if any(e["prompts"] == s and e["kind"] == "benign" for e in entries)]
     value = {(e["config"], e["prompts"]): e for e in entries}
-    fig, axes = plt.subplots(1, 2 if benign else 1, figsize=(13 if benign else 8, 4.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if benign else 1, figsize=(13 if benign else 8, 4.5), squeeze=False
+    )
     width = 0.8 / max(1, len(configs))
     for ax, names, key, title in (
         (axes[0][0], sets, "refusal_rate", "refusal rate (harmful: want high; benign: low)"),
-        *(((axes[0][1], benign, "unchanged_rate", "benign greedy outputs unchanged"),)
-          if benign else ()),
+        *(
+            ((axes[0][1], benign, "unchanged_rate", "benign greedy outputs unchanged"),)
+            if benign
+            else ()
+        ),
     ):
         for i, config in enumerate(configs):
             heights = [100 * (value.get((config, s), {}).get(key) or 0.0) for s in names]
             ax.bar([x + i * width for x in range(len(names))], heights, width, label=config)
         ax.set_xticks([x + width * (len(configs) - 1) / 2 for x in range(len(names))])
-        ax.set_xticklabels([f"{s}\n({value[(configs[0], s)]['kind']})" for s in names],
-                           fontsize=7)
+        ax.set_xticklabels([f"{s}\n({value[(configs[0], s)]['kind']})" for s in names], fontsize=7)
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
         ax.set_title(title, fontsize=9)
@@ -107,15 +120,17 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         metadata = PatchMetadata.read(adapter_dir)
         if metadata is None:
             continue
-        fresh = [{k: v for k, v in e.items() if k != "examples"} | {
-            "created_at": report["created_at"]} for e in report["entries"]
-            if e["config"] in ("base", name) or name in e["config"].split("+")]
+        fresh = [
+            {k: v for k, v in e.items() if k != "examples"} | {"created_at": report["created_at"]}
+            for e in report["entries"]
+            if e["config"] in ("base", name) or name in e["config"].split("+")
+        ]
         keys = {(e["config"], e["prompts"]) for e in fresh}
         old = (metadata.evaluation or {}).get("entries", [])
         kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
-        metadata.evaluation = {k: v for k, v in report.items()
-                               if k not in ("entries", "prompt_sets")} | {
-            "entries": kept + fresh}
+        metadata.evaluation = {
+            k: v for k, v in report.items() if k not in ("entries", "prompt_sets")
+        } | {"entries": kept + fresh}
         metadata.write(adapter_dir)
         stored.append(name)
     return stored

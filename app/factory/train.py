@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,10 +37,18 @@ from app.factory.preserve import (
     topk_kl,
 )
 from app.factory.templates import refusal_for
+from app.factory.writer import write_patch
 
 Mode = Literal["safety-only", "preserving"]
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                          "down_proj"]
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 @dataclass
@@ -83,8 +90,9 @@ class TrainResult:
     seconds: float
 
 
-def _refusal_examples(tokenizer: Any, prompts: Sequence[str], seed: int,
-                      category: str | None) -> list[tuple[list[int], list[int]]]:
+def _refusal_examples(
+    tokenizer: Any, prompts: Sequence[str], seed: int, category: str | None
+) -> list[tuple[list[int], list[int]]]:
     eos = tokenizer.eos_token_id
     examples = []
     for prompt in prompts:
@@ -94,20 +102,23 @@ def _refusal_examples(tokenizer: Any, prompts: Sequence[str], seed: int,
     return examples
 
 
-def refusal_loss(model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
-                 ) -> torch.Tensor:
+def refusal_loss(
+    model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> torch.Tensor:
     """Mean cross-entropy over the response tokens of `batch`."""
     logprobs = response_logprobs(model, [p for p, _ in batch], [r for _, r in batch], pad_id)
-    nll = [-lp.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
-           for lp, (_, r) in zip(logprobs, batch, strict=True)]
+    nll = [
+        -lp.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+        for lp, (_, r) in zip(logprobs, batch, strict=True)
+    ]
     return torch.cat(nll).mean()
 
 
 def preserve_loss(model: Any, batch: Sequence[GreedyTarget], pad_id: int) -> torch.Tensor:
-    logprobs = response_logprobs(model, [t.prompt_ids for t in batch],
-                                 [t.response_ids for t in batch], pad_id)
-    kls = [topk_kl(t.top_logprobs, t.top_ids, lp)
-           for t, lp in zip(batch, logprobs, strict=True)]
+    logprobs = response_logprobs(
+        model, [t.prompt_ids for t in batch], [t.response_ids for t in batch], pad_id
+    )
+    kls = [topk_kl(t.top_logprobs, t.top_ids, lp) for t, lp in zip(batch, logprobs, strict=True)]
     return torch.cat(kls).mean()
 
 
@@ -118,15 +129,22 @@ def targets_cache_dir(config: TrainConfig) -> Path | None:
     if config.cache_dir is None:
         return None
     weights = config.model_dir / "model.safetensors"
-    key = hashlib.sha256(json.dumps([
-        model_identity(config.model_dir), file_sha256(weights) if weights.is_file() else "",
-        config.preserve_tokens, config.kl_top_k,
-    ]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                model_identity(config.model_dir),
+                file_sha256(weights) if weights.is_file() else "",
+                config.preserve_tokens,
+                config.kl_top_k,
+            ]
+        ).encode()
+    ).hexdigest()[:24]
     return config.cache_dir / "factory" / "targets" / key
 
 
-def _cached_targets(config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
-                    ) -> list[GreedyTarget]:
+def _cached_targets(
+    config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
+) -> list[GreedyTarget]:
     root = targets_cache_dir(config)
     found: dict[str, GreedyTarget] = {}
     if root is not None:
@@ -136,8 +154,9 @@ def _cached_targets(config: TrainConfig, model: Any, tokenizer: Any, prompts: li
                 found[prompt] = GreedyTarget(**torch.load(path, weights_only=True))
     missing = [p for p in prompts if p not in found]
     if missing:
-        fresh = greedy_targets(model, tokenizer, missing, max_new_tokens=config.preserve_tokens,
-                               top_k=config.kl_top_k)
+        fresh = greedy_targets(
+            model, tokenizer, missing, max_new_tokens=config.preserve_tokens, top_k=config.kl_top_k
+        )
         for prompt, target in zip(missing, fresh, strict=True):
             found[prompt] = target
             if root is not None:
@@ -170,8 +189,9 @@ def train_patch(config: TrainConfig) -> TrainResult:
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
 
     harmful = _dedup(p for src in config.harmful for p in load_prompts(src))
@@ -185,16 +205,23 @@ def train_patch(config: TrainConfig) -> TrainResult:
             raise ValueError("preserving mode needs preserve prompts (--preserve FILE)")
         targets = _cached_targets(config, model, tokenizer, preserve)
 
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                      target_modules=config.target_modules, layers_to_transform=config.layers,
-                      task_type="CAUSAL_LM", init_lora_weights=True)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers,
+        task_type="CAUSAL_LM",
+        init_lora_weights=True,
+    )
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps)
+    )
     probe = examples[: min(len(examples), 16)]
 
     model.eval()
@@ -202,8 +229,9 @@ def train_patch(config: TrainConfig) -> TrainResult:
         initial = float(refusal_loss(model, probe, pad_id))
     model.train()
     harm_batches = _cycle(examples, min(config.batch_size, len(examples)), rng)
-    keep_batches = _cycle(targets, min(config.preserve_batch_size, len(targets)), rng) \
-        if targets else None
+    keep_batches = (
+        _cycle(targets, min(config.preserve_batch_size, len(targets)), rng) if targets else None
+    )
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"training {config.name} ({config.mode})", unit="step")
     for _ in bar:
@@ -225,7 +253,7 @@ def train_patch(config: TrainConfig) -> TrainResult:
     with torch.no_grad():
         final = float(refusal_loss(model, probe, pad_id))
     seconds = time.monotonic() - started
-    _write_patch(config, model, steps, initial, final, seconds, len(examples), len(targets))
+    write_patch(config, model, steps, initial, final, seconds, len(examples), len(targets))
     return TrainResult(config.out_dir, steps, initial, final, losses, seconds)
 
 
@@ -234,59 +262,3 @@ def _dedup(prompts: Any) -> list[str]:
     for prompt in prompts:
         seen.setdefault(normalise(prompt), prompt)
     return list(seen.values())
-
-
-def _write_patch(config: TrainConfig, model: Any, steps: int, initial: float, final: float,
-                 seconds: float, n_harmful: int, n_preserve: int) -> None:
-    from app.model.identity import model_identity
-    from app.patches.metadata import PatchMetadata, weights_sha256
-
-    identity = model_identity(config.model_dir)
-    tmp = config.out_dir.with_name(config.out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = identity["name"]  # not a machine-local path
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    data_files = sorted({str(src.path) for src in config.harmful + config.preserve})
-    training = {
-        "mode": config.mode, "rank": config.rank, "alpha": config.alpha,
-        "target_modules": config.target_modules, "layers": config.layers, "lr": config.lr,
-        "epochs": config.epochs, "steps": steps, "batch_size": config.batch_size,
-        "preserve_batch_size": config.preserve_batch_size,
-        "preserve_weight": config.preserve_weight, "preserve_tokens": config.preserve_tokens,
-        "kl_top_k": config.kl_top_k, "seed": config.seed,
-        "refusal_category": config.refusal_category,
-        "harmful_sources": [s.spec() for s in config.harmful],
-        "preserve_sources": [s.spec() for s in config.preserve] if config.mode == "preserving"
-        else [],
-        "n_harmful": n_harmful, "n_preserve": n_preserve,
-        "data_sha256": {f: file_sha256(Path(f)) for f in data_files},
-        "initial_refusal_loss": round(initial, 4), "final_refusal_loss": round(final, 4),
-        "training_seconds": round(seconds, 1), "command": config.command,
-        "torch": torch.__version__,
-    }
-    PatchMetadata(
-        name=config.name, description=config.description, categories=config.categories,
-        base_model=identity, rank=config.rank, target_modules=sorted(config.target_modules),
-        weights_sha256=weights_sha256(tmp), training=training,
-    ).write(tmp)
-    (tmp / "README.md").write_text(_readme(config, training))
-    shutil.rmtree(config.out_dir, ignore_errors=True)
-    config.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(config.out_dir)
-
-
-def _readme(config: TrainConfig, training: dict[str, Any]) -> str:
-    return (
-        f"# {config.name}\n\n{config.description or 'SafePatch LoRA safety patch.'}\n\n"
-        f"Base model: {training.get('base', config.model_dir.name)}; mode `{config.mode}`; "
-        f"rank {config.rank}, alpha {config.alpha}; {training['steps']} steps; "
-        f"{training['n_harmful']} refusal prompts, {training['n_preserve']} preserve prompts "
-        "(train split, see app/factory/data/LICENSES.md).\n\n"
-        "Reproduce (from the repository root):\n\n"
-        f"```sh\n{config.command or '(trained through the Python API)'}\n```\n\n"
-        "Hyper-parameters, data hashes and timing are in `safepatch.json` (`training`); the "
-        "latest `safepatch eval` report is in its `evaluation` field. Results: "
-        "docs/patch-results.md.\n"
-    )

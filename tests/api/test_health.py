@@ -48,3 +48,27 @@ def test_ready_is_503_once_draining_starts(settings: Settings) -> None:
         assert response.status_code == 503
         assert response.json() == {"status": "draining"}
         assert client.get("/health").status_code == 200
+
+
+def test_engine_that_fails_to_start_is_logged_and_reported(settings, caplog) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.support.fake_engine import FakeEngine
+
+    class BrokenEngine(FakeEngine):
+        async def start(self) -> None:
+            raise RuntimeError("no memory for the KV cache")
+
+    fatal: list[bool] = []
+    app = create_app(settings, engine_factory=lambda s, m: BrokenEngine())
+    app.state.on_fatal = lambda: fatal.append(True)
+    with TestClient(app) as client:
+        for _ in range(50):
+            if fatal:
+                break
+            client.get("/health")
+        response = client.get("/ready")
+        assert response.status_code == 503 and response.json()["status"] == "failed"
+    assert fatal == [True]
+    assert "no memory for the KV cache" in caplog.text

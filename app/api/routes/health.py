@@ -18,6 +18,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(state: State) -> JSONResponse:
+    if state.engine_failed:
+        return JSONResponse({"status": "failed"}, status_code=503)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not state.engine.is_ready:
