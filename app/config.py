@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     max_model_len: int = 2048
     max_num_seqs: int = 64
     max_loras: int = 4
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # vLLM pads every LoRA to this: keep it tight on CPU
     max_cpu_loras: int = 16
     kv_cache_space_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float = 0.9  # GPU only
