@@ -77,7 +77,7 @@ async def _start_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
     state.metrics.engine_ready.set(1)
     for record in state.registry.list():
         if record.pinned:
-            await state.engine.pin_lora(state.registry.targets.single(record))
+            await state.engine.pin_lora(await state.registry.targets.for_patches([record]))
             state.metrics.adapter_events.labels("loaded").inc()
 
 

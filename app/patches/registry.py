@@ -127,6 +127,7 @@ class PatchRegistry:
                 self.store_result(record.name, "evaluation", on_disk.evaluation)
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
             if (path.name in known or str(path.resolve()) in known_paths
+                    or not path.resolve().is_relative_to(self.store_dir)  # no symlinks out
                     or not (path / CONFIG_FILE).is_file()):
                 continue
             try:
@@ -189,17 +190,19 @@ class PatchRegistry:
 
     async def set_pinned(self, name: str, pinned: bool, actor: str) -> PatchRecord:
         record = self.get(name)
-        with self.db.begin() as conn:
-            conn.execute(db.patches.update().where(db.patches.c.name == name)
-                         .values(pinned=pinned, updated_at=db.utcnow()))
-            db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
         if self.engine is not None and self.engine.is_ready:
-            target = self.targets.single(record)
+            # the LoRA that really serves this patch (a folded copy for serve_folded ones);
+            # engine first, so a refusal (no free slot) leaves the database unchanged
+            target = await self.targets.for_patches([record])
             if pinned:
                 await self.engine.pin_lora(target)
             else:  # vLLM has no unpin: unload, then load again unpinned
                 await self.engine.remove_lora(target)
                 await self.engine.add_lora(target)
+        with self.db.begin() as conn:
+            conn.execute(db.patches.update().where(db.patches.c.name == name)
+                         .values(pinned=pinned, updated_at=db.utcnow()))
+            db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
         return self.get(name)
 
     def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:

@@ -80,7 +80,9 @@ class ServingTargets:
         target = LoraTarget(key, self._int_id(disk_name, disk_name), out_dir)
         self._stacked[key] = target
         while len(self._stacked) > self.max_stacked:
-            self.retire(self._stacked.popitem(last=False)[1], remove_files=True)
+            # Unloaded from the engine, files kept: a request that resolved this stack but has
+            # not started yet can still load it from disk.
+            self.retire(self._stacked.popitem(last=False)[1])
             self.on_event("evicted")
         return target
 

@@ -62,6 +62,7 @@ CHAT = {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}
     ({**CHAT, "max_tokens": 0}, "max_tokens"),
     ({**CHAT, "max_tokens": "many"}, "max_tokens"),
     ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({**CHAT, "seed": 2**64}, "seed"),
     ({"model": BASE}, "messages"),
     ({**CHAT, "messages": []}, "messages"),
     ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),

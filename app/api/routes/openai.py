@@ -25,9 +25,9 @@ async def list_models(state: State, caller: Caller) -> ModelList:
     created = now()
     cards = []
     if caller.policy.allow_base:
-        cards.append(ModelCard(id=state.model_name, created=created, root=str(state.model_dir)))
+        cards.append(ModelCard(id=state.model_name, created=created, root=state.model_name))
     allowed = caller.policy.allowed()
-    cards += [ModelCard(id=p.name, created=created, root=str(p.path), parent=state.model_name)
+    cards += [ModelCard(id=p.name, created=created, root=p.name, parent=state.model_name)
               for p in state.registry.list() if p.name in allowed]
     return ModelList(data=cards)
 
