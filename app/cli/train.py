@@ -64,6 +64,22 @@ def train(
     preserve_batch_size: Annotated[int, typer.Option(help="Preserve examples per step.")] = 8,
     preserve_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1.0,
     preserve_tokens: Annotated[int, typer.Option(help="Base response tokens to keep.")] = 32,
+    selective_dims: Annotated[
+        int,
+        typer.Option(
+            help="Preserving mode: keep each LoRA's input (A) in the N directions where harmful "
+            "prompts have the most energy relative to benign ones (0: off). See "
+            "app/factory/selective.py."
+        ),
+    ] = 0,
+    selective_tail: Annotated[
+        int,
+        typer.Option(
+            help="With --selective-dims: measure harmful inputs on each request's last N "
+            "tokens (end of the request and the assistant header, where refusal is decided); "
+            "0: all its tokens."
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed (templates, shuffles, init).")] = 0,
     refusal_category: Annotated[
         str | None, typer.Option(help="Use this category's refusal reasons (e.g. cyber).")
@@ -110,6 +126,8 @@ def train(
         preserve_batch_size=preserve_batch_size,
         preserve_weight=preserve_weight,
         preserve_tokens=preserve_tokens,
+        selective_dims=selective_dims,
+        selective_tail=selective_tail,
         seed=seed,
         refusal_category=refusal_category,
         description=description,

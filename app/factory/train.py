@@ -36,6 +36,12 @@ from app.factory.preserve import (
     response_logprobs,
     topk_kl,
 )
+from app.factory.selective import (
+    cached_moments,
+    constrain_lora_inputs,
+    materialise_lora_inputs,
+    selective_bases,
+)
 from app.factory.templates import refusal_for
 from app.factory.writer import write_patch
 
@@ -71,6 +77,8 @@ class TrainConfig:
     preserve_weight: float = 1.0
     preserve_tokens: int = 32
     kl_top_k: int = 64
+    selective_dims: int = 0  # >0: keep LoRA A in the top harm-selective input directions
+    selective_tail: int = 0  # >0: harmful moments from each prompt's last N tokens only
     seed: int = 0
     refusal_category: str | None = None
     description: str = ""
@@ -215,6 +223,12 @@ def train_patch(config: TrainConfig) -> TrainResult:
         init_lora_weights=True,
     )
     model = get_peft_model(model, lora)
+    lora_inputs = (
+        _selective_lora_inputs(config, model, examples, targets, pad_id)
+        if config.selective_dims
+        else []
+    )
+    constrain_lora_inputs(lora_inputs, config.seed)  # before the optimiser sees the params
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
@@ -252,9 +266,40 @@ def train_patch(config: TrainConfig) -> TrainResult:
     model.eval()
     with torch.no_grad():
         final = float(refusal_loss(model, probe, pad_id))
+    materialise_lora_inputs(m for m, _ in lora_inputs)
     seconds = time.monotonic() - started
     write_patch(config, model, steps, initial, final, seconds, len(examples), len(targets))
     return TrainResult(config.out_dir, steps, initial, final, losses, seconds)
+
+
+def _selective_lora_inputs(
+    config: TrainConfig,
+    model: Any,
+    examples: list[tuple[list[int], list[int]]],
+    targets: list[GreedyTarget],
+    pad_id: int,
+) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(lora_A module, basis) per patched module (`app.factory.selective`): harmful = the
+    refusal prompts, benign = the preserve prompts with the base's answers. Moments are taken
+    through the fresh peft model, whose B = 0 makes it the base model."""
+    if not targets:
+        raise ValueError("--selective-dims needs preserving mode and preserve prompts")
+    backbone = model.get_base_model().model  # no LM head: moments need only the layers
+    lora_modules = {n: m for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
+    bases = selective_bases(
+        cached_moments(
+            backbone,
+            list(lora_modules),
+            harmful=[p for p, _ in examples],
+            benign=[(t.prompt_ids, t.response_ids) for t in targets],
+            tail=config.selective_tail,
+            pad_id=pad_id,
+            cache_root=config.cache_dir and config.cache_dir / "factory" / "moments",
+            cache_salt=str(targets_cache_dir(config)),
+        ),
+        config.selective_dims,
+    )
+    return [(m.lora_A["default"], bases[n]) for n, m in lora_modules.items()]
 
 
 def _dedup(prompts: Any) -> list[str]:

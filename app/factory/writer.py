@@ -51,6 +51,8 @@ def write_patch(
         "preserve_weight": config.preserve_weight,
         "preserve_tokens": config.preserve_tokens,
         "kl_top_k": config.kl_top_k,
+        "selective_dims": config.selective_dims,
+        "selective_tail": config.selective_tail,
         "seed": config.seed,
         "refusal_category": config.refusal_category,
         "harmful_sources": [s.spec() for s in config.harmful],

@@ -89,19 +89,32 @@ class ServingTargets:
     @contextmanager
     def lease(self, target: LoraTarget | None) -> Iterator[None]:
         """Hold `target` while a request uses it, so unloading waits for it to finish."""
-        if target is None:
+        release = self.acquire(target)
+        try:
             yield
-            return
+        finally:
+            release()
+
+    def acquire(self, target: LoraTarget | None) -> Callable[[], None]:
+        """Take a lease on `target` now; the returned function ends it (idempotent). For leases
+        that outlive one call stack, such as a streamed response."""
+        if target is None:
+            return lambda: None
         if target.int_id not in self._used:
             self._used.add(target.int_id)
             self.on_event("loaded")
         self._leases[target.int_id] = self._leases.get(target.int_id, 0) + 1
-        try:
-            yield
-        finally:
+        held = [True]
+
+        def release() -> None:
+            if not held[0]:
+                return
+            held[0] = False
             self._leases[target.int_id] -= 1
             if not self._leases[target.int_id] and target.int_id in self._retired:
                 self._schedule_unload()
+
+        return release
 
     def retire(self, target: LoraTarget, remove_files: bool = False) -> None:
         self._retired[target.int_id] = (target, remove_files)

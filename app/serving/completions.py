@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -130,7 +131,21 @@ class CompletionServing:
         return JSONResponse(body, headers=self._headers(who))
 
     def _stream(self, events: AsyncIterator[str], who: Resolved) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
+        # The LoRA is leased from here, not from when the body starts streaming: a patch
+        # deleted between resolving and streaming must stay loaded for this request. Called
+        # with no await since `who` was resolved, so no delete can slip in before it.
+        release = self.registry.targets.acquire(who.lora)
+
+        async def leased() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                release()
+
+        body = leased()
+        weakref.finalize(body, release)  # a body never iterated (client gone) still releases
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers={**self._headers(who), "Cache-Control": "no-cache"})
 
     async def _generate(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
