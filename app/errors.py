@@ -18,8 +18,14 @@ class APIError(Exception):
     type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -29,8 +35,14 @@ class APIError(Exception):
             self.status_code = status_code
 
     def body(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class BadRequest(APIError):
@@ -79,8 +91,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
-    return (f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid"),
-            param)
+    return (
+        f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid"),
+        param,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -94,8 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
         json_error = any(e.get("type") == "json_invalid" for e in exc.errors())
         if json_error:
             return error_response(BadRequest("request body is not valid JSON", code="invalid_json"))
-        return error_response(APIError(message, param=param, code="invalid_parameter",
-                                       status_code=422))
+        return error_response(
+            APIError(message, param=param, code="invalid_parameter", status_code=422)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

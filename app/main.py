@@ -47,8 +47,10 @@ def admin_secret(settings: Settings) -> str:
     if token.lower() not in WEAK_SECRETS and len(token) >= 16:
         return token
     if not settings.dev_mode:
-        raise RuntimeError("SAFEPATCH_ADMIN_TOKEN must be set to a secret of at least 16 "
-                           "characters (or set SAFEPATCH_DEV_MODE=1 for local development)")
+        raise RuntimeError(
+            "SAFEPATCH_ADMIN_TOKEN must be set to a secret of at least 16 "
+            "characters (or set SAFEPATCH_DEV_MODE=1 for local development)"
+        )
     path = settings.cache_dir / "admin-token"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,26 +86,45 @@ async def _start_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
 def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
     model_dir = resolve_model_dir(settings)
     database = open_database(settings.resolved_database_url)
-    registry = PatchRegistry(database, store_dir=settings.adapters_dir,
-                             cache_dir=settings.cache_dir, model_dir=model_dir,
-                             max_rank=settings.max_lora_rank,
-                             max_bytes=settings.max_adapter_bytes)
+    registry = PatchRegistry(
+        database,
+        store_dir=settings.adapters_dir,
+        cache_dir=settings.cache_dir,
+        model_dir=model_dir,
+        max_rank=settings.max_lora_rank,
+        max_bytes=settings.max_adapter_bytes,
+    )
     registry.scan_store()
     engine = engine_factory(settings, model_dir)
     registry.targets.engine = engine
     metrics = Metrics()
     registry.targets.on_event = lambda event: metrics.adapter_events.labels(event).inc()
     model_name = settings.served_model_name or model_dir.name
-    serving = CompletionServing(engine, PromptBuilder(model_dir, settings.max_model_len),
-                                registry, metrics, model_name, settings.log_prompts)
-    return AppState(settings=settings, model_dir=model_dir, model_name=model_name,
-                    database=database, registry=registry, tenants=TenantService(database),
-                    metrics=metrics, engine=engine, serving=serving,
-                    admin_token=admin_secret(settings))
+    serving = CompletionServing(
+        engine,
+        PromptBuilder(model_dir, settings.max_model_len),
+        registry,
+        metrics,
+        model_name,
+        settings.log_prompts,
+    )
+    return AppState(
+        settings=settings,
+        model_dir=model_dir,
+        model_name=model_name,
+        database=database,
+        registry=registry,
+        tenants=TenantService(database),
+        metrics=metrics,
+        engine=engine,
+        serving=serving,
+        admin_token=admin_secret(settings),
+    )
 
 
-def create_app(settings: Settings | None = None,
-               engine_factory: EngineFactory = default_engine_factory) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine_factory: EngineFactory = default_engine_factory
+) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -128,8 +149,13 @@ def create_app(settings: Settings | None = None,
 
     app = FastAPI(title="SafePatch", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for router in (health.router, openai.router, admin_adapters.router, admin_tenants.router,
-                   orthogonality.router):
+    for router in (
+        health.router,
+        openai.router,
+        admin_adapters.router,
+        admin_tenants.router,
+        orthogonality.router,
+    ):
         app.include_router(router)
 
     install_middleware(app, settings)

@@ -27,7 +27,8 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate max_tokens")
     return_token_ids: bool = Field(
-        default=False, description="vLLM extension: include the generated token ids")
+        default=False, description="vLLM extension: include the generated token ids"
+    )
     safety_patches: list[str] | None = Field(
         default=None,
         description="SafePatch extension: patch names to apply; '-name' opts out of a default.",

@@ -29,8 +29,12 @@ class DrainingServer(uvicorn.Server):
 def run_server(app: FastAPI, settings: Settings) -> None:
     configure_logging(settings.log_json, settings.log_level)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s), access_log=False,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        access_log=False,
     )
     server = DrainingServer(config, app)
     # An engine that cannot start ends the process instead of idling unready: as if SIGTERM

@@ -39,8 +39,12 @@ from app.orthogonality.subspaces import Subspace, SubspaceStore
 
 LAYERS, R, K = 32, 16, 16
 SHAPES = {  # kind: (d_out, d_in)
-    "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
-    "o_proj": (4096, 4096), "gate_proj": (14336, 4096), "up_proj": (14336, 4096),
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
     "down_proj": (4096, 14336),
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "orthogonality.json"
@@ -54,17 +58,31 @@ def weight_name(layer: int, kind: str) -> str:
 def write_virtual_model(path: Path) -> Path:
     """config.json + a sparse bf16 safetensors file: real header, unwritten (zero) data."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": LAYERS, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": LAYERS,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for layer in range(LAYERS):
         for kind, (d_out, d_in) in SHAPES.items():
             size = d_out * d_in * 2
-            header[weight_name(layer, kind)] = {"dtype": "BF16", "shape": [d_out, d_in],
-                                                "data_offsets": [offset, offset + size]}
+            header[weight_name(layer, kind)] = {
+                "dtype": "BF16",
+                "shape": [d_out, d_in],
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
@@ -81,8 +99,10 @@ def fill_cache(store: SubspaceStore, gen: torch.Generator) -> None:
             U = torch.linalg.qr(torch.randn(d_out, K, generator=gen))[0]  # [d_out, K]
             V = torch.linalg.qr(torch.randn(d_in, K, generator=gen))[0]  # [d_in, K]
             S = torch.sort(torch.rand(K, generator=gen) + 1, descending=True).values  # [K]
-            store.put(Subspace(weight_name(layer, kind), U, S, V, "synthetic", 0.0),
-                      {"method": "synthetic", "residual": "0.0"})
+            store.put(
+                Subspace(weight_name(layer, kind), U, S, V, "synthetic", 0.0),
+                {"method": "synthetic", "residual": "0.0"},
+            )
 
 
 def write_adapter(path: Path, gen: torch.Generator) -> Path:
@@ -94,8 +114,9 @@ def write_adapter(path: Path, gen: torch.Generator) -> Path:
             tensors[f"{key}.lora_A.weight"] = (torch.randn(R, d_in, generator=gen) / 64).bfloat16()
             tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, R, generator=gen) / 64).bfloat16()
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": R, "lora_alpha": 32, "target_modules": list(SHAPES)}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": 32, "target_modules": list(SHAPES)})
+    )
     return path
 
 
@@ -124,18 +145,25 @@ def bench_scoring(work: Path, repeats: int) -> dict[str, object]:
     t_svd = time.perf_counter() - start
     summary = result.to_dict(detail=False)
     return {
-        "modules": len(result.modules), "r": R, "k": K,
-        "cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
-        "cold_all_s": cold, "warm_all_s": warm, "load_adapter_s": t_load,
+        "modules": len(result.modules),
+        "r": R,
+        "k": K,
+        "cold_s": statistics.median(cold),
+        "warm_s": statistics.median(warm),
+        "cold_all_s": cold,
+        "warm_all_s": warm,
+        "load_adapter_s": t_load,
         "qr_path_delta_svd_all_modules_s": t_svd,  # the 2-D path interference() uses
         "adapter_mb": (adapter / "adapter_model.safetensors").stat().st_size / 2**20,
-        "orthogonality": summary["orthogonality"], "baseline": summary["baseline"],
+        "orthogonality": summary["orthogonality"],
+        "baseline": summary["baseline"],
         "goal_s": 1.0,
     }
 
 
-def synthetic_weight(d_out: int, d_in: int, gen: torch.Generator, spikes: int = 64,
-                     sigma: float = 0.02) -> torch.Tensor:
+def synthetic_weight(
+    d_out: int, d_in: int, gen: torch.Generator, spikes: int = 64, sigma: float = 0.02
+) -> torch.Tensor:
     X = torch.linalg.qr(torch.randn(d_out, spikes, generator=gen))[0]  # [d_out, spikes]
     Y = torch.linalg.qr(torch.randn(d_in, spikes, generator=gen))[0]  # [d_in, spikes]
     edge = sigma * (math.sqrt(d_out) + math.sqrt(d_in))  # bulk edge of the noise
@@ -143,8 +171,12 @@ def synthetic_weight(d_out: int, d_in: int, gen: torch.Generator, spikes: int = 
     return (X * s) @ Y.T + sigma * torch.randn(d_out, d_in, generator=gen)  # [d_out, d_in]
 
 
-def accuracy(W: torch.Tensor, top: linalg.LowRankSVD, exact: linalg.LowRankSVD,
-             factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def accuracy(
+    W: torch.Tensor,
+    top: linalg.LowRankSVD,
+    exact: linalg.LowRankSVD,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
     out = {
         "phi_V": linalg.subspace_similarity(top.V, exact.V),
         "phi_U": linalg.subspace_similarity(top.U, exact.U),
@@ -154,8 +186,9 @@ def accuracy(W: torch.Tensor, top: linalg.LowRankSVD, exact: linalg.LowRankSVD,
     }
     for name, (B, A) in factors.items():  # effect on an adapter's score
         d = linalg.lora_delta_svd(B, A, 2.0)
-        out[f"dphi_{name}"] = abs(linalg.subspace_similarity(d.V, top.V)
-                                  - linalg.subspace_similarity(d.V, exact.V))
+        out[f"dphi_{name}"] = abs(
+            linalg.subspace_similarity(d.V, top.V) - linalg.subspace_similarity(d.V, exact.V)
+        )
     return out
 
 
@@ -173,9 +206,15 @@ def bench_subspaces(kinds: list[str]) -> list[dict[str, object]]:
         V_ex = exact.V.double()
         factors = {  # a random patch and one whose A rows lie half inside span(V₀)
             "random": (torch.randn(d_out, R, generator=g), torch.randn(R, d_in, generator=g)),
-            "half_inside": (torch.randn(d_out, R, generator=g), torch.cat([
-                torch.randn(R // 2, K, generator=g, dtype=torch.float64) @ V_ex.T,
-                torch.randn(R // 2, d_in, generator=g, dtype=torch.float64)])),
+            "half_inside": (
+                torch.randn(d_out, R, generator=g),
+                torch.cat(
+                    [
+                        torch.randn(R // 2, K, generator=g, dtype=torch.float64) @ V_ex.T,
+                        torch.randn(R // 2, d_in, generator=g, dtype=torch.float64),
+                    ]
+                ),
+            ),
         }
         start = time.perf_counter()
         top, method, _, n_iter = subspaces.top_k_subspace(W, K)
@@ -183,26 +222,39 @@ def bench_subspaces(kinds: list[str]) -> list[dict[str, object]]:
         start = time.perf_counter()
         plain = linalg.randomized_top_k(W, K, n_iter=4, krylov=False)
         t_plain = time.perf_counter() - start
-        rows.append({
-            "kind": kind, "shape": [d_out, d_in], "k": K, "exact_s": t_exact,
-            "store_s": t_store, "store_method": method, "store_n_iter": n_iter,
-            "store_speedup": t_exact / t_store,
-            "store": accuracy(W, top, exact, factors),
-            "subspace_iter_q4_s": t_plain, "subspace_iter_q4_speedup": t_exact / t_plain,
-            "subspace_iter_q4": accuracy(W, plain, exact, factors),
-            "sigma_k_over_sigma_1": float(S[K - 1] / S[0]),
-            "sigma_k_over_sigma_k+1": float(S[K - 1] / S[K]),
-            "sigma_k_over_sigma_k+p+1": float(S[K - 1] / S[K + 10]),
-        })
-        print(f"  {kind}: exact {t_exact:.1f}s, store {t_store:.2f}s ({method}, q={n_iter})",
-              flush=True)
+        rows.append(
+            {
+                "kind": kind,
+                "shape": [d_out, d_in],
+                "k": K,
+                "exact_s": t_exact,
+                "store_s": t_store,
+                "store_method": method,
+                "store_n_iter": n_iter,
+                "store_speedup": t_exact / t_store,
+                "store": accuracy(W, top, exact, factors),
+                "subspace_iter_q4_s": t_plain,
+                "subspace_iter_q4_speedup": t_exact / t_plain,
+                "subspace_iter_q4": accuracy(W, plain, exact, factors),
+                "sigma_k_over_sigma_1": float(S[K - 1] / S[0]),
+                "sigma_k_over_sigma_k+1": float(S[K - 1] / S[K]),
+                "sigma_k_over_sigma_k+p+1": float(S[K - 1] / S[K + 10]),
+            }
+        )
+        print(
+            f"  {kind}: exact {t_exact:.1f}s, store {t_store:.2f}s ({method}, q={n_iter})",
+            flush=True,
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", default="k_proj,q_proj",
-                        help=f"shapes for randomized vs exact, from {','.join(SHAPES)}")
+    parser.add_argument(
+        "--subset",
+        default="k_proj,q_proj",
+        help=f"shapes for randomized vs exact, from {','.join(SHAPES)}",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -217,39 +269,64 @@ def main() -> None:
     rows = bench_subspaces(kinds)
     report = {
         "args": {"subset": kinds, "repeats": args.repeats},
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_avg": os.getloadavg()},
-        "scoring": scoring, "subspaces": rows,
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg": os.getloadavg(),
+        },
+        "scoring": scoring,
+        "subspaces": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     s = scoring
-    print(f"\nLlama-3-8B shapes, {s['modules']} modules, r = {R}, k = {K}, "
-          f"torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
-    print(f"score_adapter with cached subspaces: cold {s['cold_s']:.3f} s, warm "
-          f"{s['warm_s']:.3f} s (goal <= 1 s); of which adapter load {s['load_adapter_s']:.3f}"
-          f" s ({s['adapter_mb']:.0f} MiB)\n(the per-module 2-D QR path that interference() uses: "
-          f"{s['qr_path_delta_svd_all_modules_s']:.3f} s per adapter)")
-    print("\ntop-k = 16 subspaces, randomized vs torch.linalg.svd (x: speed-up; phi_V, max angle:"
-          " vs exact; dphi: change in an r = 16 adapter's phi, random / half inside span V0)")
-    head = (f"{'matrix':<10} {'shape':>11} {'exact s':>8} {'method':>18} {'s':>6} {'x':>6} "
-            f"{'phi_V':>9} {'max∠°':>7} {'σ err':>8} {'resid':>8} {'dphi_rnd':>9} "
-            f"{'dphi_half':>9}")
+    print(
+        f"\nLlama-3-8B shapes, {s['modules']} modules, r = {R}, k = {K}, "
+        f"torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"score_adapter with cached subspaces: cold {s['cold_s']:.3f} s, warm "
+        f"{s['warm_s']:.3f} s (goal <= 1 s); of which adapter load {s['load_adapter_s']:.3f}"
+        f" s ({s['adapter_mb']:.0f} MiB)\n(the per-module 2-D QR path that interference() uses: "
+        f"{s['qr_path_delta_svd_all_modules_s']:.3f} s per adapter)"
+    )
+    print(
+        "\ntop-k = 16 subspaces, randomized vs torch.linalg.svd (x: speed-up; phi_V, max angle:"
+        " vs exact; dphi: change in an r = 16 adapter's phi, random / half inside span V0)"
+    )
+    head = (
+        f"{'matrix':<10} {'shape':>11} {'exact s':>8} {'method':>18} {'s':>6} {'x':>6} "
+        f"{'phi_V':>9} {'max∠°':>7} {'σ err':>8} {'resid':>8} {'dphi_rnd':>9} "
+        f"{'dphi_half':>9}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         for label, key, t, x in (
-            (f"krylov q={r['store_n_iter']}" if r["store_method"] == "randomized"
-             else r["store_method"], "store", r["store_s"], r["store_speedup"]),
-            ("subspace-iter q=4", "subspace_iter_q4", r["subspace_iter_q4_s"],
-             r["subspace_iter_q4_speedup"]),
+            (
+                f"krylov q={r['store_n_iter']}"
+                if r["store_method"] == "randomized"
+                else r["store_method"],
+                "store",
+                r["store_s"],
+                r["store_speedup"],
+            ),
+            (
+                "subspace-iter q=4",
+                "subspace_iter_q4",
+                r["subspace_iter_q4_s"],
+                r["subspace_iter_q4_speedup"],
+            ),
         ):
             a = r[key]
-            print(f"{r['kind']:<10} {'x'.join(map(str, r['shape'])):>11} {r['exact_s']:>8.1f} "
-                  f"{label:>18} {t:>6.2f} {x:>6.1f} {a['phi_V']:>9.6f} "
-                  f"{a['max_angle_deg']:>7.3f} {a['sigma_rel_err']:>8.1e} {a['residual']:>8.1e} "
-                  f"{a['dphi_random']:>9.1e} {a['dphi_half_inside']:>9.1e}")
+            print(
+                f"{r['kind']:<10} {'x'.join(map(str, r['shape'])):>11} {r['exact_s']:>8.1f} "
+                f"{label:>18} {t:>6.2f} {x:>6.1f} {a['phi_V']:>9.6f} "
+                f"{a['max_angle_deg']:>7.3f} {a['sigma_rel_err']:>8.1e} {a['residual']:>8.1e} "
+                f"{a['dphi_random']:>9.1e} {a['dphi_half_inside']:>9.1e}"
+            )
     print(f"\nwrote {args.out}")
 
 

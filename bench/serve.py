@@ -38,8 +38,15 @@ def summarize(latencies: list[float], tokens: int, wall: float) -> dict[str, flo
     }
 
 
-async def run_http(base_url: str, key: str, model: str, prompt: list[int], output_len: int,
-                   requests: int, concurrency: int) -> dict[str, float]:
+async def run_http(
+    base_url: str,
+    key: str,
+    model: str,
+    prompt: list[int],
+    output_len: int,
+    requests: int,
+    concurrency: int,
+) -> dict[str, float]:
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     tokens = 0
@@ -48,10 +55,17 @@ async def run_http(base_url: str, key: str, model: str, prompt: list[int], outpu
         nonlocal tokens
         async with gate:
             start = time.perf_counter()
-            response = await http.post("/v1/completions", headers={
-                "Authorization": f"Bearer {key}"}, json={
-                "model": model, "prompt": prompt, "max_tokens": output_len,
-                "temperature": 0, "ignore_eos": True})
+            response = await http.post(
+                "/v1/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": output_len,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
             tokens += response.json()["usage"]["completion_tokens"]
@@ -65,8 +79,14 @@ async def run_http(base_url: str, key: str, model: str, prompt: list[int], outpu
         return summarize(latencies, tokens, time.perf_counter() - start)
 
 
-async def run_direct(engine, prompt: list[int], output_len: int, requests: int,
-                     concurrency: int, lora: LoraTarget | None) -> dict[str, float]:
+async def run_direct(
+    engine,
+    prompt: list[int],
+    output_len: int,
+    requests: int,
+    concurrency: int,
+    lora: LoraTarget | None,
+) -> dict[str, float]:
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     tokens = 0
@@ -114,8 +134,9 @@ def main() -> None:
         noise hits both alike."""
         from app.engine.vllm_engine import VllmEngine
 
-        key = server.tenant_key("bench", {"allow_base": True,
-                                          "optional": [args.patch] if args.patch else []})
+        key = server.tenant_key(
+            "bench", {"allow_base": True, "optional": [args.patch] if args.patch else []}
+        )
         model = args.patch or model_dir.name
         engine = VllmEngine(settings, model_dir)
         await engine.start()
@@ -123,35 +144,68 @@ def main() -> None:
         try:
             for c in args.concurrency:
                 for round_ in range(args.rounds):
-                    rows.append({"path": "http", "concurrency": c, "round": round_,
-                                 **await run_http(server.base_url, key, model, prompt,
-                                                  args.output_len, args.requests, c)})
-                    rows.append({"path": "direct", "concurrency": c, "round": round_,
-                                 **await run_direct(engine, prompt, args.output_len,
-                                                    args.requests, c, lora)})
+                    rows.append(
+                        {
+                            "path": "http",
+                            "concurrency": c,
+                            "round": round_,
+                            **await run_http(
+                                server.base_url,
+                                key,
+                                model,
+                                prompt,
+                                args.output_len,
+                                args.requests,
+                                c,
+                            ),
+                        }
+                    )
+                    rows.append(
+                        {
+                            "path": "direct",
+                            "concurrency": c,
+                            "round": round_,
+                            **await run_direct(
+                                engine, prompt, args.output_len, args.requests, c, lora
+                            ),
+                        }
+                    )
         finally:
             await engine.shutdown()
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), model=model_dir, adapters=adapters,
-                              SAFEPATCH_MAX_MODEL_LEN=str(settings.max_model_len),
-                              SAFEPATCH_CACHE_DIR=str(settings.cache_dir))
+        server = start_server(
+            Path(tmp),
+            model=model_dir,
+            adapters=adapters,
+            SAFEPATCH_MAX_MODEL_LEN=str(settings.max_model_len),
+            SAFEPATCH_CACHE_DIR=str(settings.cache_dir),
+        )
         try:
             asyncio.run(measure(server))
         finally:
             server.stop()
 
-    report = {"model": model_dir.name, "patch": args.patch, "requests": args.requests,
-              "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows,
-              "ratio_http_over_direct": {}}
+    report = {
+        "model": model_dir.name,
+        "patch": args.patch,
+        "requests": args.requests,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "rows": rows,
+        "ratio_http_over_direct": {},
+    }
     print(f"{'path':8} {'conc':>4} {'round':>5} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7}")
     for row in rows:
-        print(f"{row['path']:8} {row['concurrency']:>4} {row['round']:>5} "
-              f"{row['tokens_per_s']:>8.1f} {row['p50_s']:>7.2f} {row['p95_s']:>7.2f}")
+        print(
+            f"{row['path']:8} {row['concurrency']:>4} {row['round']:>5} "
+            f"{row['tokens_per_s']:>8.1f} {row['p50_s']:>7.2f} {row['p95_s']:>7.2f}"
+        )
     for c in args.concurrency:
-        http_tps, direct_tps = (sum(r["tokens_per_s"] for r in rows
-                                    if r["path"] == p and r["concurrency"] == c)
-                                for p in ("http", "direct"))
+        http_tps, direct_tps = (
+            sum(r["tokens_per_s"] for r in rows if r["path"] == p and r["concurrency"] == c)
+            for p in ("http", "direct")
+        )
         ratio = http_tps / direct_tps  # summed over the alternating rounds
         report["ratio_http_over_direct"][str(c)] = ratio
         print(f"concurrency {c}: HTTP/direct throughput = {ratio:.3f}")

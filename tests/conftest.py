@@ -25,8 +25,9 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # enough updates to change greedy outputs.
 PATCH_SPECS = {
     "alpha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=1),
-    "beta": dict(r=8, alpha=16, target_modules=["q_proj", "o_proj", "down_proj"], seed=2,
-                 use_rslora=True),
+    "beta": dict(
+        r=8, alpha=16, target_modules=["q_proj", "o_proj", "down_proj"], seed=2, use_rslora=True
+    ),
     "gamma": dict(r=4, alpha=4, target_modules=["gate_proj", "up_proj"], seed=3),
 }
 
@@ -45,8 +46,9 @@ def patch_library(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
-def make_store(patch_library: Path, target: Path, names: tuple[str, ...] = ("alpha", "beta")
-               ) -> Path:
+def make_store(
+    patch_library: Path, target: Path, names: tuple[str, ...] = ("alpha", "beta")
+) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copytree(patch_library / name, target / name)
@@ -55,9 +57,15 @@ def make_store(patch_library: Path, target: Path, names: tuple[str, ...] = ("alp
 
 def make_settings(tiny_model: Path, root: Path, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
-        model=str(tiny_model), adapters_dir=root / "adapters", cache_dir=root / "cache",
-        database_url=f"sqlite:///{root / 'safepatch.db'}", admin_token=ADMIN_TOKEN,
-        max_model_len=256, max_lora_rank=32, max_loras=4, max_num_seqs=16,
+        model=str(tiny_model),
+        adapters_dir=root / "adapters",
+        cache_dir=root / "cache",
+        database_url=f"sqlite:///{root / 'safepatch.db'}",
+        admin_token=ADMIN_TOKEN,
+        max_model_len=256,
+        max_lora_rank=32,
+        max_loras=4,
+        max_num_seqs=16,
     )
     values.update(overrides)
     return Settings(**values)

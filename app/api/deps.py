@@ -37,12 +37,18 @@ def get_principal(request: Request, state: State) -> Principal:
     if token is None:
         if not state.settings.dev_mode:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        principal = Principal(DEV_TENANT, TenantPolicy(
-            default=[n for n in state.settings.default_patches if state.registry.find(n)],
-            optional=[p.name for p in state.registry.list()
-                      if p.name not in state.settings.default_patches],
-            allow_base=True,
-        ))
+        principal = Principal(
+            DEV_TENANT,
+            TenantPolicy(
+                default=[n for n in state.settings.default_patches if state.registry.find(n)],
+                optional=[
+                    p.name
+                    for p in state.registry.list()
+                    if p.name not in state.settings.default_patches
+                ],
+                allow_base=True,
+            ),
+        )
     else:
         tenant = state.tenants.authenticate(token)
         principal = Principal(tenant.id, tenant.policy)

@@ -87,15 +87,24 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
             seconds = time.perf_counter() - start
             state: AppState | None = getattr(request.app.state, "safepatch", None)
             if state is not None and request.url.path != "/metrics":
-                state.metrics.observe_request(route_path, response.status_code, tenant, patches,
-                                              seconds)
+                state.metrics.observe_request(
+                    route_path, response.status_code, tenant, patches, seconds
+                )
             # the access log: no query string, headers, body or prompt text
-            logger.info("%s %s %d", request.method, request.url.path, response.status_code,
-                        extra={"method": request.method, "route": route_path,
-                               "status": response.status_code, "tenant": tenant,
-                               "patches": ",".join(patches),
-                               "duration_ms": round(seconds * 1000, 2)})
+            logger.info(
+                "%s %s %d",
+                request.method,
+                request.url.path,
+                response.status_code,
+                extra={
+                    "method": request.method,
+                    "route": route_path,
+                    "status": response.status_code,
+                    "tenant": tenant,
+                    "patches": ",".join(patches),
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
             return response
         finally:
             request_id_var.reset(token)
-

@@ -27,10 +27,14 @@ def _table(summary: dict[str, Any]) -> str:
     ]
     worst = summary["worst_module"]
     if worst:
-        lines.append(f"worst module {worst['module']}  orthogonality "
-                     f"{_f(worst['orthogonality'])} (baseline {_f(worst['baseline'])})")
-    header = (f"{'module':<44} {'r':>3} {'k':>3} {'phi_R':>8} {'base_R':>8} {'phi_L':>8} "
-              f"{'base_L':>8} {'energy_R':>8} {'orth':>7} {'share':>6}")
+        lines.append(
+            f"worst module {worst['module']}  orthogonality "
+            f"{_f(worst['orthogonality'])} (baseline {_f(worst['baseline'])})"
+        )
+    header = (
+        f"{'module':<44} {'r':>3} {'k':>3} {'phi_R':>8} {'base_R':>8} {'phi_L':>8} "
+        f"{'base_L':>8} {'energy_R':>8} {'orth':>7} {'share':>6}"
+    )
     lines += ["", header, "-" * len(header)]
     for row in summary["modules"]:
         right, left = row["right"], row["left"]
@@ -76,10 +80,26 @@ def score(
         raise typer.Exit(2) from exc
     summary = result.to_dict(detail=True, side="both")
     if json_out:
-        keys = ("adapter", "model", "k", "ranks", "orthogonality", "phi", "baseline",
-                "phi_baseline", "phi_ratio", "worst_module", "right", "left", "skipped")
-        typer.echo(json.dumps({**{key: summary[key] for key in keys},
-                               "modules": summary["modules"]}, indent=2))
+        keys = (
+            "adapter",
+            "model",
+            "k",
+            "ranks",
+            "orthogonality",
+            "phi",
+            "baseline",
+            "phi_baseline",
+            "phi_ratio",
+            "worst_module",
+            "right",
+            "left",
+            "skipped",
+        )
+        typer.echo(
+            json.dumps(
+                {**{key: summary[key] for key in keys}, "modules": summary["modules"]}, indent=2
+            )
+        )
     else:
         typer.echo(_table(summary))
 

@@ -13,12 +13,15 @@ from app.config import Settings
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="HF model directory; default: the embedded SmolLM2-135M-Instruct")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="HF model directory; default: the embedded SmolLM2-135M-Instruct"),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API with per-request safety patches."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None
+    }
     settings = Settings(**overrides)
     from app.main import create_app, resolve_model_dir
     from app.server import run_server

@@ -22,10 +22,22 @@ logger = logging.getLogger(__name__)
 
 _EXPECTED = {
     "bgmv_shrink": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling"],
-    "bgmv_expand": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor",
-                    "add_inputs"],
-    "bgmv_expand_slice": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor",
-                          "slice_offset", "slice_size", "add_inputs"],
+    "bgmv_expand": [
+        "inputs",
+        "lora_b_weights",
+        "output_tensor",
+        "lora_indices_tensor",
+        "add_inputs",
+    ],
+    "bgmv_expand_slice": [
+        "inputs",
+        "lora_b_weights",
+        "output_tensor",
+        "lora_indices_tensor",
+        "slice_offset",
+        "slice_size",
+        "add_inputs",
+    ],
 }
 
 
@@ -36,21 +48,32 @@ def _gather(weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) ->
     return selected
 
 
-def _lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+def _lora_delta(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     selected = _gather(weights, indices, dtype)  # (tokens, out, in)
     delta = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), selected)  # (tokens, out)
     return delta.masked_fill((indices < 0).unsqueeze(-1), 0.0)
 
 
-def bgmv_shrink(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
-                lora_indices_tensor: torch.Tensor, scaling: float = 1.0) -> None:
+def bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    scaling: float = 1.0,
+) -> None:
     delta = _lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : delta.shape[1]] = scaling * delta
 
 
-def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
-                lora_indices_tensor: torch.Tensor, add_inputs: bool = True) -> None:
+def bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    add_inputs: bool = True,
+) -> None:
     delta = _lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if delta.shape[0] == 1 and output_tensor.shape[0] != 1:
@@ -63,9 +86,15 @@ def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tenso
         output_tensor[:, :common] = delta[:limit, :common]
 
 
-def bgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor,
-                      output_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor,
-                      slice_offset: int, slice_size: int, add_inputs: bool = True) -> None:
+def bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+) -> None:
     delta = _lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += delta
@@ -73,8 +102,11 @@ def bgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor,
         output_tensor[:, slice_offset : slice_offset + slice_size] = delta
 
 
-_FIXED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
-          "bgmv_expand_slice": bgmv_expand_slice}
+_FIXED = {
+    "bgmv_shrink": bgmv_shrink,
+    "bgmv_expand": bgmv_expand,
+    "bgmv_expand_slice": bgmv_expand_slice,
+}
 
 
 def register() -> bool:

@@ -42,10 +42,16 @@ def gguf_path() -> Path:
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-        disable=path.stat().st_size < 64 << 20,
-    ) as bar:
+    with (
+        path.open("rb") as fh,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"sha256 {path.name}",
+            disable=path.stat().st_size < 64 << 20,
+        ) as bar,
+    ):
         while block := fh.read(chunk):
             digest.update(block)
             bar.update(len(block))
@@ -86,9 +92,9 @@ def convert_gguf(source: Path, target: Path) -> None:
     steps.update()
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config
     # (without the gguf quantization_config) and copy the dequantized weights in.
-    config = AutoConfig.for_model(**{
-        k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"
-    })
+    config = AutoConfig.for_model(
+        **{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    )
     config.torch_dtype = "float32"
     plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
@@ -96,11 +102,16 @@ def convert_gguf(source: Path, target: Path) -> None:
     steps.update()
     plain.save_pretrained(work, safe_serialization=True)
     tokenizer.save_pretrained(work)
-    (work / MARKER).write_text(json.dumps({
-        "source": GGUF_FILE,
-        "source_sha256": file_sha256(source),
-        "dtype": "float32",
-    }, indent=2))
+    (work / MARKER).write_text(
+        json.dumps(
+            {
+                "source": GGUF_FILE,
+                "source_sha256": file_sha256(source),
+                "dtype": "float32",
+            },
+            indent=2,
+        )
+    )
     steps.update()
     steps.close()
     shutil.rmtree(target, ignore_errors=True)

@@ -31,33 +31,58 @@ class Metrics:
         self.tenant_label = BoundedLabel(max_label_values)
         self.patches_label = BoundedLabel(max_label_values)
         labels = ["route", "status", "tenant", "patches"]
-        self.requests = Counter("safepatch_requests_total", "HTTP requests", labels,
-                                registry=self.registry)
-        self.latency = Histogram("safepatch_request_latency_seconds", "HTTP request latency",
-                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("safepatch_time_to_first_token_seconds", "Time to first token",
-                              ["tenant", "patches"], buckets=LATENCY_BUCKETS,
-                              registry=self.registry)
-        self.tokens = Counter("safepatch_tokens_total", "Tokens processed",
-                              ["kind", "tenant", "patches"], registry=self.registry)
-        self.adapter_events = Counter("safepatch_adapter_events_total",
-                                      "Adapter registrations, engine loads and evictions",
-                                      ["event"], registry=self.registry)
-        self.engine_ready = Gauge("safepatch_engine_ready", "1 when the engine serves",
-                                  registry=self.registry)
+        self.requests = Counter(
+            "safepatch_requests_total", "HTTP requests", labels, registry=self.registry
+        )
+        self.latency = Histogram(
+            "safepatch_request_latency_seconds",
+            "HTTP request latency",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "safepatch_time_to_first_token_seconds",
+            "Time to first token",
+            ["tenant", "patches"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "safepatch_tokens_total",
+            "Tokens processed",
+            ["kind", "tenant", "patches"],
+            registry=self.registry,
+        )
+        self.adapter_events = Counter(
+            "safepatch_adapter_events_total",
+            "Adapter registrations, engine loads and evictions",
+            ["event"],
+            registry=self.registry,
+        )
+        self.engine_ready = Gauge(
+            "safepatch_engine_ready", "1 when the engine serves", registry=self.registry
+        )
 
     def labels(self, tenant: str, patches: list[str]) -> tuple[str, str]:
         return self.tenant_label(tenant), self.patches_label(",".join(patches) or "none")
 
-    def observe_request(self, route: str, status: int, tenant: str, patches: list[str],
-                        seconds: float) -> None:
+    def observe_request(
+        self, route: str, status: int, tenant: str, patches: list[str], seconds: float
+    ) -> None:
         tenant_l, patches_l = self.labels(tenant, patches)
         values = (route, str(status), tenant_l, patches_l)
         self.requests.labels(*values).inc()
         self.latency.labels(*values).observe(seconds)
 
-    def observe_generation(self, tenant: str, patches: list[str], prompt_tokens: int,
-                           completion_tokens: int, ttft: float | None) -> None:
+    def observe_generation(
+        self,
+        tenant: str,
+        patches: list[str],
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft: float | None,
+    ) -> None:
         tenant_l, patches_l = self.labels(tenant, patches)
         self.tokens.labels("prompt", tenant_l, patches_l).inc(prompt_tokens)
         self.tokens.labels("generated", tenant_l, patches_l).inc(completion_tokens)

@@ -77,8 +77,9 @@ def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     """(r, s) for one module: r and α from `rank_pattern` / `alpha_pattern` else `r` /
     `lora_alpha`; s = α/r, or α/√r with `use_rslora` (Kalajdzievski 2023, rsLoRA)."""
     r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module,
-                                 config.get("lora_alpha", r)))
+    alpha = float(
+        _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
+    )
     return r, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
@@ -89,8 +90,9 @@ def load_adapter(adapter_dir: Path) -> LoraAdapter:
     config_path = adapter_dir / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
-    weights_path = next((adapter_dir / f for f in WEIGHTS_FILES if (adapter_dir / f).is_file()),
-                        None)
+    weights_path = next(
+        (adapter_dir / f for f in WEIGHTS_FILES if (adapter_dir / f).is_file()), None
+    )
     if weights_path is None:
         raise FileNotFoundError(f"{adapter_dir / WEIGHTS_FILES[0]} not found")
     config = json.loads(config_path.read_text())
@@ -112,16 +114,25 @@ def load_adapter(adapter_dir: Path) -> LoraAdapter:
             raise ValueError(f"{adapter_dir.name}: {module} lacks lora_{'AB'[('A' in ab)]}")
         A, B = ab["A"], ab["B"]  # [r, d_in], [d_out, r]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{adapter_dir.name}: {module} has lora_A {tuple(A.shape)} and "
-                             f"lora_B {tuple(B.shape)}, which do not chain")
+            raise ValueError(
+                f"{adapter_dir.name}: {module} has lora_A {tuple(A.shape)} and "
+                f"lora_B {tuple(B.shape)}, which do not chain"
+            )
         r, scaling = module_scaling(config, module)
         if r != A.shape[0]:
-            raise ValueError(f"{adapter_dir.name}: {module} has rank {A.shape[0]} but the config "
-                             f"(r / rank_pattern) says {r}")
+            raise ValueError(
+                f"{adapter_dir.name}: {module} has rank {A.shape[0]} but the config "
+                f"(r / rank_pattern) says {r}"
+            )
         modules[module] = LoraFactors(module, B, A, scaling, r)
     if not modules:
         raise ValueError(f"{adapter_dir.name}: no LoRA linear modules in {weights_path.name}")
     if config.get("use_dora"):
-        skipped.append({"module": "*", "reason": "DoRA magnitude vectors are ignored; scores "
-                        "describe the direction update s·B·A only"})
+        skipped.append(
+            {
+                "module": "*",
+                "reason": "DoRA magnitude vectors are ignored; scores "
+                "describe the direction update s·B·A only",
+            }
+        )
     return LoraAdapter(adapter_dir, config, modules, skipped)

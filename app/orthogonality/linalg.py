@@ -124,8 +124,9 @@ def lora_projections(
     return DeltaProjections(S * live, live.sum(-1), sim_right, sim_left)
 
 
-def side_statistics(S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor
-                    ) -> dict[str, torch.Tensor]:
+def side_statistics(
+    S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Batched per-module statistics from Sim = V_Δᵀ·V₀ ([n, r, k], rows beyond `rank` 0):
     φ = ‖Sim‖²_F / min(rank, k); max |Sim_ij|; ‖Sim‖_F; principal angles arccos σ_i(Sim)
     ([n, min(r, k)] ascending, only the first min(rank, k) meaningful, NaN after); energy
@@ -142,8 +143,12 @@ def side_statistics(S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor
         "sim_max": sim.abs().amax((-2, -1)) if sim.numel() else torch.zeros(sim.shape[0]),
         "sim_fro": fro_sq.sqrt(),
         "angles": torch.where(valid, angles, nan),
-        "energy": torch.where(total > 0, (S[..., None] * sim).square().sum((-2, -1))
-                              / total.clamp_min(torch.finfo(torch.float64).tiny), nan),
+        "energy": torch.where(
+            total > 0,
+            (S[..., None] * sim).square().sum((-2, -1))
+            / total.clamp_min(torch.finfo(torch.float64).tiny),
+            nan,
+        ),
     }
 
 

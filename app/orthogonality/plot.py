@@ -35,10 +35,20 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
 
     layers = [row for row in score.layers(side) if row["layer"] is not None]
     xs = [row["layer"] for row in layers]
-    ax_layer.plot(xs, [_clip(row["orthogonality"]) for row in layers], "o-", color="C0",
-                  label="adapter (ΔW-energy weighted)")
-    ax_layer.plot(xs, [_clip(row["baseline"]) for row in layers], "--", color="grey",
-                  label="random subspace baseline")
+    ax_layer.plot(
+        xs,
+        [_clip(row["orthogonality"]) for row in layers],
+        "o-",
+        color="C0",
+        label="adapter (ΔW-energy weighted)",
+    )
+    ax_layer.plot(
+        xs,
+        [_clip(row["baseline"]) for row in layers],
+        "--",
+        color="grey",
+        label="random subspace baseline",
+    )
     ax_layer.set_ylabel("orthogonality 1 − φ")
     summary = score.to_dict(detail=False, side=side)
     overall = summary["orthogonality"]
@@ -50,15 +60,30 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
 
     kinds = sorted({m.kind for m in score.modules})
     for i, kind in enumerate(kinds):
-        mods = sorted((m for m in score.modules if m.kind == kind and m.layer is not None),
-                      key=lambda m: m.layer or 0)
+        mods = sorted(
+            (m for m in score.modules if m.kind == kind and m.layer is not None),
+            key=lambda m: m.layer or 0,
+        )
         if not mods:
             continue
         color = f"C{i % 10}"
-        ax_mod.plot([m.layer for m in mods], [_clip(1 - m.phi(side)[0]) for m in mods], "o-",
-                    color=color, ms=3, lw=1, label=kind)
-        ax_mod.plot([m.layer for m in mods], [_clip(1 - m.phi(side)[1]) for m in mods], "--",
-                    color=color, lw=0.8, alpha=0.7)
+        ax_mod.plot(
+            [m.layer for m in mods],
+            [_clip(1 - m.phi(side)[0]) for m in mods],
+            "o-",
+            color=color,
+            ms=3,
+            lw=1,
+            label=kind,
+        )
+        ax_mod.plot(
+            [m.layer for m in mods],
+            [_clip(1 - m.phi(side)[1]) for m in mods],
+            "--",
+            color=color,
+            lw=0.8,
+            alpha=0.7,
+        )
     ax_mod.set_ylabel("orthogonality 1 − φ per module")
     ax_mod.set_xlabel("layer")
     for ax in (ax_layer, ax_mod):
@@ -69,7 +94,12 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
         ax.grid(True, which="both", alpha=0.3)
     ax_layer.legend(loc="best", fontsize="small")
     if kinds:
-        ax_mod.legend(loc="best", fontsize="small", ncol=min(len(kinds), 7),
-                      title="module (dashed: baseline)", title_fontsize="small")
+        ax_mod.legend(
+            loc="best",
+            fontsize="small",
+            ncol=min(len(kinds), 7),
+            title="module (dashed: baseline)",
+            title_fontsize="small",
+        )
     fig.savefig(out_png, dpi=100)
     return out_png

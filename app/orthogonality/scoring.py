@@ -43,27 +43,35 @@ class SideScore:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "phi": _num(self.phi), "orthogonality": _num(1 - self.phi),
-            "phi_baseline": _num(self.phi_baseline), "baseline": _num(1 - self.phi_baseline),
-            "sim_max": _num(self.sim_max), "sim_fro": _num(self.sim_fro),
+            "phi": _num(self.phi),
+            "orthogonality": _num(1 - self.phi),
+            "phi_baseline": _num(self.phi_baseline),
+            "baseline": _num(1 - self.phi_baseline),
+            "sim_max": _num(self.sim_max),
+            "sim_fro": _num(self.sim_fro),
             "principal_angles_deg": [round(a, 4) for a in self.angles_deg],
-            "energy_fraction": _num(self.energy), "energy_baseline": _num(self.energy_baseline),
+            "energy_fraction": _num(self.energy),
+            "energy_baseline": _num(self.energy_baseline),
         }
 
 
-def _batch_side_scores(S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor, d: int
-                       ) -> list[SideScore]:
-    stats = {key: value.tolist() for key, value in
-             linalg.side_statistics(S, rank, sim).items()}
+def _batch_side_scores(
+    S: torch.Tensor, rank: torch.Tensor, sim: torch.Tensor, d: int
+) -> list[SideScore]:
+    stats = {key: value.tolist() for key, value in linalg.side_statistics(S, rank, sim).items()}
     k = sim.shape[-1]
-    return [SideScore(
-        phi=stats["phi"][i],
-        phi_baseline=linalg.random_phi_baseline(int(r), k, d),
-        sim_max=stats["sim_max"][i] if r else math.nan,
-        sim_fro=stats["sim_fro"][i] if r else math.nan,
-        angles_deg=[math.degrees(a) for a in stats["angles"][i] if math.isfinite(a)],
-        energy=stats["energy"][i], energy_baseline=k / d,
-    ) for i, r in enumerate(rank.tolist())]
+    return [
+        SideScore(
+            phi=stats["phi"][i],
+            phi_baseline=linalg.random_phi_baseline(int(r), k, d),
+            sim_max=stats["sim_max"][i] if r else math.nan,
+            sim_fro=stats["sim_fro"][i] if r else math.nan,
+            angles_deg=[math.degrees(a) for a in stats["angles"][i] if math.isfinite(a)],
+            energy=stats["energy"][i],
+            energy_baseline=k / d,
+        )
+        for i, r in enumerate(rank.tolist())
+    ]
 
 
 @dataclass(frozen=True)
@@ -84,20 +92,30 @@ class ModuleScore:
     def phi(self, side: Side) -> tuple[float, float]:
         """(φ, φ baseline) headlined for `side`."""
         if side == "both":
-            return ((self.right.phi + self.left.phi) / 2,
-                    (self.right.phi_baseline + self.left.phi_baseline) / 2)
+            return (
+                (self.right.phi + self.left.phi) / 2,
+                (self.right.phi_baseline + self.left.phi_baseline) / 2,
+            )
         s = self.right if side == "right" else self.left
         return s.phi, s.phi_baseline
 
     def to_dict(self, side: Side, total: float) -> dict[str, Any]:
         phi, base = self.phi(side)
         row: dict[str, Any] = {
-            "module": self.module, "layer": self.layer, "kind": self.kind,
-            "d_out": self.shape[0], "d_in": self.shape[1], "r": self.rank, "k": self.k,
-            "scaling": self.scaling, "delta_fro_sq": _num(self.delta_fro_sq),
+            "module": self.module,
+            "layer": self.layer,
+            "kind": self.kind,
+            "d_out": self.shape[0],
+            "d_in": self.shape[1],
+            "r": self.rank,
+            "k": self.k,
+            "scaling": self.scaling,
+            "delta_fro_sq": _num(self.delta_fro_sq),
             "energy_share": _num(self.delta_fro_sq / total) if total > 0 else None,
-            "phi": _num(phi), "orthogonality": _num(1 - phi),
-            "phi_baseline": _num(base), "baseline": _num(1 - base),
+            "phi": _num(phi),
+            "orthogonality": _num(1 - phi),
+            "phi_baseline": _num(base),
+            "baseline": _num(1 - base),
             "phi_ratio": _num(phi / base) if base > 0 else None,
             "subspace_method": self.method,
         }
@@ -111,12 +129,22 @@ def aggregate(mods: list[ModuleScore], side: Side) -> dict[str, Any]:
     live = [m for m in mods if m.delta_fro_sq > 0 and math.isfinite(m.phi(side)[0])]
     total = sum(m.delta_fro_sq for m in live)
     if not live or total <= 0:
-        return {"orthogonality": None, "phi": None, "baseline": None, "phi_baseline": None,
-                "phi_ratio": None}
+        return {
+            "orthogonality": None,
+            "phi": None,
+            "baseline": None,
+            "phi_baseline": None,
+            "phi_ratio": None,
+        }
     phi = sum(m.delta_fro_sq * m.phi(side)[0] for m in live) / total
     base = sum(m.delta_fro_sq * m.phi(side)[1] for m in live) / total
-    return {"orthogonality": _num(1 - phi), "phi": _num(phi), "baseline": _num(1 - base),
-            "phi_baseline": _num(base), "phi_ratio": _num(phi / base) if base > 0 else None}
+    return {
+        "orthogonality": _num(1 - phi),
+        "phi": _num(phi),
+        "baseline": _num(1 - base),
+        "phi_baseline": _num(base),
+        "phi_ratio": _num(phi / base) if base > 0 else None,
+    }
 
 
 @dataclass
@@ -135,9 +163,10 @@ class AdapterScore:
         by_layer: dict[int | None, list[ModuleScore]] = {}
         for m in self.modules:
             by_layer.setdefault(m.layer, []).append(m)
-        return [{"layer": layer, "n_modules": len(mods), **aggregate(mods, side)}
-                for layer, mods in sorted(by_layer.items(), key=lambda kv: (kv[0] is None,
-                                                                             kv[0] or 0))]
+        return [
+            {"layer": layer, "n_modules": len(mods), **aggregate(mods, side)}
+            for layer, mods in sorted(by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        ]
 
     def to_dict(self, detail: bool = True, side: Side = "both") -> dict[str, Any]:
         """Summary (`orthogonality`, `phi`, `baseline`, `phi_baseline`, `worst_module`, ...);
@@ -147,13 +176,26 @@ class AdapterScore:
         worst = self.worst_module(side)
         total = sum(m.delta_fro_sq for m in self.modules)
         out: dict[str, Any] = {
-            "adapter": self.adapter, "model": self.model, "side": side, "k": self.k,
-            "ranks": sorted({m.rank for m in self.modules}), "n_modules": len(self.modules),
+            "adapter": self.adapter,
+            "model": self.model,
+            "side": side,
+            "k": self.k,
+            "ranks": sorted({m.rank for m in self.modules}),
+            "n_modules": len(self.modules),
             **aggregate(self.modules, side),
-            "worst_module": None if worst is None else {
+            "worst_module": None
+            if worst is None
+            else {
                 key: worst.to_dict(side, total)[key]
-                for key in ("module", "phi", "orthogonality", "phi_baseline", "baseline",
-                            "phi_ratio")},
+                for key in (
+                    "module",
+                    "phi",
+                    "orthogonality",
+                    "phi_baseline",
+                    "baseline",
+                    "phi_ratio",
+                )
+            },
             "skipped": self.skipped,
         }
         if side == "both":
@@ -180,13 +222,20 @@ def score_adapter(
     for module, f in adapter.modules.items():
         weight = store.resolve(module)
         if weight is None:
-            skipped.append({"module": module, "reason": "no 2-D base weight of that name in the "
-                            "model (e.g. lm_head with tied embeddings)"})
+            skipped.append(
+                {
+                    "module": module,
+                    "reason": "no 2-D base weight of that name in the "
+                    "model (e.g. lm_head with tied embeddings)",
+                }
+            )
             continue
         shape = store.shape(weight)
         if shape != (f.B.shape[0], f.A.shape[1]):
-            raise ValueError(f"{adapter.name}: {module} is {f.B.shape[0]}x{f.A.shape[1]} but "
-                             f"{weight} is {shape[0]}x{shape[1]}; wrong base model?")
+            raise ValueError(
+                f"{adapter.name}: {module} is {f.B.shape[0]}x{f.A.shape[1]} but "
+                f"{weight} is {shape[0]}x{shape[1]}; wrong base model?"
+            )
         kk = f.rank if k is None else k
         linalg.check_k(kk, shape)
         targets[module] = (f, weight, kk)
@@ -201,17 +250,31 @@ def score_adapter(
         facs = [targets[n][0] for n in names]
         subs = [subspaces[targets[n][1]] for n in names]
         proj = linalg.lora_projections(
-            [f.B for f in facs], [f.A for f in facs], torch.tensor([f.scaling for f in facs]),
-            [s.V for s in subs], [s.U for s in subs])
+            [f.B for f in facs],
+            [f.A for f in facs],
+            torch.tensor([f.scaling for f in facs]),
+            [s.V for s in subs],
+            [s.U for s in subs],
+        )
         rights = _batch_side_scores(proj.S, proj.rank, proj.sim_right, d_in)
         lefts = _batch_side_scores(proj.S, proj.rank, proj.sim_left, d_out)
         energies = proj.S.square().sum(-1).tolist()
         for i, name in enumerate(names):
             f, weight, kk = targets[name]
             scored[name] = ModuleScore(
-                module=name, weight=weight, layer=f.layer, kind=f.kind, shape=(d_out, d_in),
-                rank=f.rank, k=kk, scaling=f.scaling, delta_fro_sq=energies[i],
-                right=rights[i], left=lefts[i], method=subs[i].method)
+                module=name,
+                weight=weight,
+                layer=f.layer,
+                kind=f.kind,
+                shape=(d_out, d_in),
+                rank=f.rank,
+                k=kk,
+                scaling=f.scaling,
+                delta_fro_sq=energies[i],
+                right=rights[i],
+                left=lefts[i],
+                method=subs[i].method,
+            )
     modules = [scored[name] for name in targets]
     return AdapterScore(adapter.name, store.identity, k, modules, skipped)
 
@@ -225,13 +288,16 @@ def _pair_rows(
         if sa.V.shape[0] != sb.V.shape[0] or sa.U.shape[0] != sb.U.shape[0]:
             raise ValueError(f"{a} and {b} disagree on the shape of {module}")
         ra, rb = sa.S.numel(), sb.S.numel()
-        rows.append({
-            "module": module, "weight": float(sa.S.norm() * sb.S.norm()),
-            "phi_right": linalg.subspace_similarity(sa.V, sb.V),
-            "phi_left": linalg.subspace_similarity(sa.U, sb.U),
-            "phi_baseline_right": linalg.random_phi_baseline(ra, rb, sa.V.shape[0]),
-            "phi_baseline_left": linalg.random_phi_baseline(ra, rb, sa.U.shape[0]),
-        })
+        rows.append(
+            {
+                "module": module,
+                "weight": float(sa.S.norm() * sb.S.norm()),
+                "phi_right": linalg.subspace_similarity(sa.V, sb.V),
+                "phi_left": linalg.subspace_similarity(sa.U, sb.U),
+                "phi_baseline_right": linalg.random_phi_baseline(ra, rb, sa.V.shape[0]),
+                "phi_baseline_left": linalg.random_phi_baseline(ra, rb, sa.U.shape[0]),
+            }
+        )
     live = [r for r in rows if r["weight"] > 0 and math.isfinite(r["phi_right"])]
     total = sum(r["weight"] for r in live)
 
@@ -242,16 +308,22 @@ def _pair_rows(
         r["phi"] = (r["phi_right"] + r["phi_left"]) / 2
     worst = max(live, key=lambda r: r["phi"], default=None)
     out: dict[str, Any] = {
-        "a": a, "b": b, "shared_modules": len(rows),
-        "phi": wmean("phi"), "phi_right": wmean("phi_right"), "phi_left": wmean("phi_left"),
+        "a": a,
+        "b": b,
+        "shared_modules": len(rows),
+        "phi": wmean("phi"),
+        "phi_right": wmean("phi_right"),
+        "phi_left": wmean("phi_left"),
         "phi_baseline_right": wmean("phi_baseline_right"),
         "phi_baseline_left": wmean("phi_baseline_left"),
-        "worst_module": None if worst is None else {"module": worst["module"],
-                                                    "phi": _num(worst["phi"])},
+        "worst_module": None
+        if worst is None
+        else {"module": worst["module"], "phi": _num(worst["phi"])},
     }
     if detail:
-        out["modules"] = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
-                          for r in rows]
+        out["modules"] = [
+            {k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        ]
     return out
 
 
@@ -260,6 +332,8 @@ def interference(adapters: dict[str, Path], *, detail: bool = False) -> list[dic
     φ(V_Δa, V_Δb) and φ(U_Δa, U_Δb) (1: the patches move the same directions, so stacking them
     compounds; baseline max(r_a, r_b)/d for random patches). Rows aggregate modules weighted by
     ‖ΔW_a‖_F·‖ΔW_b‖_F; `detail` adds one row per shared module. Needs no base model."""
-    svds = {name: {m: f.svd() for m, f in load_adapter(Path(path)).modules.items()}
-            for name, path in adapters.items()}
+    svds = {
+        name: {m: f.svd() for m, f in load_adapter(Path(path)).modules.items()}
+        for name, path in adapters.items()
+    }
     return [_pair_rows(x, y, svds, detail) for x, y in itertools.combinations(svds, 2)]

@@ -57,8 +57,9 @@ class Subspace:
     def top(self, k: int) -> Subspace:
         if k == self.k:
             return self
-        return Subspace(self.weight, self.U[:, :k], self.S[:k], self.V[:, :k], self.method,
-                        self.residual)
+        return Subspace(
+            self.weight, self.U[:, :k], self.S[:k], self.V[:, :k], self.method, self.residual
+        )
 
 
 def _file_signature(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
@@ -155,8 +156,7 @@ class SubspaceStore:
                     index.setdefault(m.group(1), []).append(int(m.group(2)))
         return {name: sorted(ks) for name, ks in index.items()}
 
-    def _load_cached(self, weight: str, k: int, index: dict[str, list[int]]
-                     ) -> Subspace | None:
+    def _load_cached(self, weight: str, k: int, index: dict[str, list[int]]) -> Subspace | None:
         if self._memory is not None:
             best = self._memory.get(weight)
             if best is not None and best.k >= k:
@@ -167,8 +167,9 @@ class SubspaceStore:
         with safe_open(str(self.cache_path(weight, ks[0])), framework="pt") as fh:
             meta = fh.metadata() or {}
             U, S, V = (fh.get_tensor(name) for name in ("U", "S", "V"))
-        sub = Subspace(weight, U, S, V, meta.get("method", "unknown"),
-                       float(meta.get("residual", "nan")))
+        sub = Subspace(
+            weight, U, S, V, meta.get("method", "unknown"), float(meta.get("residual", "nan"))
+        )
         self._remember(sub)
         return sub.top(k)
 
@@ -184,8 +185,11 @@ class SubspaceStore:
         path = self.cache_path(sub.weight, sub.k)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        save_file({"U": sub.U.contiguous(), "S": sub.S.contiguous(), "V": sub.V.contiguous()},
-                  str(tmp), metadata=meta)
+        save_file(
+            {"U": sub.U.contiguous(), "S": sub.S.contiguous(), "V": sub.V.contiguous()},
+            str(tmp),
+            metadata=meta,
+        )
         os.replace(tmp, path)
         self._remember(sub)
 
@@ -193,9 +197,15 @@ class SubspaceStore:
     def compute(self, W: torch.Tensor, k: int) -> tuple[linalg.LowRankSVD, str, float, int]:
         """(top-k triplets, method, residual, iterations) for one weight, by this store's
         policy (see `top_k_subspace`)."""
-        return top_k_subspace(W, k, exact_max_dim=self.exact_max_dim,
-                              oversample=self.oversample, n_iter=self.n_iter,
-                              max_n_iter=self.max_n_iter, residual_tol=self.residual_tol)
+        return top_k_subspace(
+            W,
+            k,
+            exact_max_dim=self.exact_max_dim,
+            oversample=self.oversample,
+            n_iter=self.n_iter,
+            max_n_iter=self.max_n_iter,
+            residual_tol=self.residual_tol,
+        )
 
     def get(self, weight: str, k: int) -> Subspace:
         return self.get_many({weight: k})[weight]
@@ -224,14 +234,26 @@ class SubspaceStore:
                     W = fh.get_tensor(weight)  # [d_out, d_in]
                     top, method, residual, n_iter = self.compute(W, k)
                     del W
-                    sub = Subspace(weight, top.U.float().contiguous(), top.S.float(),
-                                   top.V.float().contiguous(), method, residual)
-                    self.put(sub, {
-                        "method": method, "residual": repr(residual), "n_iter": str(n_iter),
-                        "oversample": str(self.oversample),
-                        "seconds": f"{time.perf_counter() - start:.3f}",
-                        "model": json.dumps(self.identity), "content": self.content,
-                    })
+                    sub = Subspace(
+                        weight,
+                        top.U.float().contiguous(),
+                        top.S.float(),
+                        top.V.float().contiguous(),
+                        method,
+                        residual,
+                    )
+                    self.put(
+                        sub,
+                        {
+                            "method": method,
+                            "residual": repr(residual),
+                            "n_iter": str(n_iter),
+                            "oversample": str(self.oversample),
+                            "seconds": f"{time.perf_counter() - start:.3f}",
+                            "model": json.dumps(self.identity),
+                            "content": self.content,
+                        },
+                    )
                     out[weight] = sub
         return out
 
@@ -262,8 +284,14 @@ def top_k_subspace(
         if n_iter >= max_n_iter:
             break
         n_iter = min(2 * n_iter, max_n_iter)
-    logger.warning("randomized SVD residual %.2e > %.0e after %d iterations on a %s weight; "
-                   "using the exact SVD", residual, residual_tol, n_iter, tuple(W.shape))
+    logger.warning(
+        "randomized SVD residual %.2e > %.0e after %d iterations on a %s weight; "
+        "using the exact SVD",
+        residual,
+        residual_tol,
+        n_iter,
+        tuple(W.shape),
+    )
     return linalg.exact_top_k(W, k), "exact", 0.0, 0
 
 

@@ -48,9 +48,14 @@ class PatchRecord:
     @classmethod
     def from_row(cls, row: Any) -> PatchRecord:
         return cls(
-            name=row.name, path=Path(row.path), sha256=row.sha256, rank=row.rank,
-            target_modules=json.loads(row.target_modules), meta=json.loads(row.meta),
-            source=row.source, pinned=bool(row.pinned),
+            name=row.name,
+            path=Path(row.path),
+            sha256=row.sha256,
+            rank=row.rank,
+            target_modules=json.loads(row.target_modules),
+            meta=json.loads(row.meta),
+            source=row.source,
+            pinned=bool(row.pinned),
             orthogonality=json.loads(row.orthogonality) if row.orthogonality else None,
             evaluation=json.loads(row.evaluation) if row.evaluation else None,
             created_at=row.created_at,
@@ -59,13 +64,21 @@ class PatchRecord:
     def summary(self) -> dict[str, Any]:
         ortho = self.orthogonality or {}
         return {
-            "name": self.name, "rank": self.rank, "target_modules": self.target_modules,
-            "sha256": self.sha256, "source": self.source, "pinned": self.pinned,
-            "created_at": self.created_at, "description": self.meta.get("description", ""),
+            "name": self.name,
+            "rank": self.rank,
+            "target_modules": self.target_modules,
+            "sha256": self.sha256,
+            "source": self.source,
+            "pinned": self.pinned,
+            "created_at": self.created_at,
+            "description": self.meta.get("description", ""),
             "categories": self.meta.get("categories", []),
             "base_model": self.meta.get("base_model", {}),
-            "orthogonality": {k: ortho.get(k) for k in ("orthogonality", "phi", "baseline",
-                                                         "worst_module")} if ortho else None,
+            "orthogonality": {
+                k: ortho.get(k) for k in ("orthogonality", "phi", "baseline", "worst_module")
+            }
+            if ortho
+            else None,
             "safety_effect": self.evaluation,
         }
 
@@ -75,8 +88,17 @@ def _validation_to_api(exc: AdapterValidationError) -> BadRequest:
 
 
 class PatchRegistry:
-    def __init__(self, database: Engine, *, store_dir: Path, cache_dir: Path, model_dir: Path,
-                 max_rank: int, max_bytes: int, max_stacked: int = 32) -> None:
+    def __init__(
+        self,
+        database: Engine,
+        *,
+        store_dir: Path,
+        cache_dir: Path,
+        model_dir: Path,
+        max_rank: int,
+        max_bytes: int,
+        max_stacked: int = 32,
+    ) -> None:
         self.db = database
         self.store_dir = store_dir.resolve()
         self.model_dir = model_dir
@@ -91,21 +113,28 @@ class PatchRegistry:
     # --- reads -----------------------------------------------------------------------
     def list(self) -> list[PatchRecord]:
         with self.db.connect() as conn:
-            rows = conn.execute(sa.select(db.patches).where(db.patches.c.status == "active")
-                                .order_by(db.patches.c.name)).all()
+            rows = conn.execute(
+                sa.select(db.patches)
+                .where(db.patches.c.status == "active")
+                .order_by(db.patches.c.name)
+            ).all()
         return [PatchRecord.from_row(r) for r in rows]
 
     def find(self, name: str) -> PatchRecord | None:
         with self.db.connect() as conn:
-            row = conn.execute(sa.select(db.patches).where(
-                db.patches.c.name == name, db.patches.c.status == "active")).first()
+            row = conn.execute(
+                sa.select(db.patches).where(
+                    db.patches.c.name == name, db.patches.c.status == "active"
+                )
+            ).first()
         return PatchRecord.from_row(row) if row else None
 
     def get(self, name: str) -> PatchRecord:
         record = self.find(name)
         if record is None:
-            raise NotFound(f"safety patch '{name}' is not registered", param="name",
-                           code="patch_not_found")
+            raise NotFound(
+                f"safety patch '{name}' is not registered", param="name", code="patch_not_found"
+            )
         return record
 
     # --- writes ----------------------------------------------------------------------
@@ -126,9 +155,12 @@ class PatchRegistry:
             if on_disk and on_disk.evaluation and on_disk.evaluation != record.evaluation:
                 self.store_result(record.name, "evaluation", on_disk.evaluation)
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
-            if (path.name in known or str(path.resolve()) in known_paths
-                    or not path.resolve().is_relative_to(self.store_dir)  # no symlinks out
-                    or not (path / CONFIG_FILE).is_file()):
+            if (
+                path.name in known
+                or str(path.resolve()) in known_paths
+                or not path.resolve().is_relative_to(self.store_dir)  # no symlinks out
+                or not (path / CONFIG_FILE).is_file()
+            ):
                 continue
             try:
                 self._insert(path.name, path, source="scan", actor="startup-scan")
@@ -142,20 +174,24 @@ class PatchRegistry:
         raw = Path(path)
         candidate = (raw if raw.is_absolute() else self.store_dir / raw).resolve()
         if not candidate.is_relative_to(self.store_dir) or candidate == self.store_dir:
-            raise BadRequest("path must be a directory inside the adapter store", param="path",
-                             code="path_outside_store")
+            raise BadRequest(
+                "path must be a directory inside the adapter store",
+                param="path",
+                code="path_outside_store",
+            )
         if not candidate.is_dir():
-            raise BadRequest(f"no adapter directory at '{path}'", param="path",
-                             code="adapter_not_found")
+            raise BadRequest(
+                f"no adapter directory at '{path}'", param="path", code="adapter_not_found"
+            )
         return self._insert(name, candidate, source="path", actor=actor)
 
-    def register_upload(self, name: str, config: bytes, weights: bytes, actor: str,
-                        metadata: bytes | None = None) -> PatchRecord:
+    def register_upload(
+        self, name: str, config: bytes, weights: bytes, actor: str, metadata: bytes | None = None
+    ) -> PatchRecord:
         """Stage the files in the store's `.incoming/`, validate, then move into place."""
         self._check_name(name)
         if len(config) + len(weights) > self.max_bytes:
-            raise BadRequest(f"adapter is larger than {self.max_bytes} bytes",
-                             code="too_large")
+            raise BadRequest(f"adapter is larger than {self.max_bytes} bytes", code="too_large")
         target = self.store_dir / name
         if target.exists():
             raise Conflict(f"the store already has a directory named '{name}'", param="name")
@@ -181,8 +217,11 @@ class PatchRegistry:
     async def delete(self, name: str, actor: str) -> None:
         record = self.get(name)
         with self.db.begin() as conn:
-            conn.execute(db.patches.update().where(db.patches.c.name == name).values(
-                status="deleted", pinned=False, updated_at=db.utcnow()))
+            conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == name)
+                .values(status="deleted", pinned=False, updated_at=db.utcnow())
+            )
             db.audit(conn, actor, "patch.delete", name, sha256=record.sha256)
         # an uploaded patch's files are ours: gone once no request in flight needs them
         self.targets.retire_patch(record, remove_files=record.source == "upload")
@@ -200,16 +239,22 @@ class PatchRegistry:
                 await self.engine.remove_lora(target)
                 await self.engine.add_lora(target)
         with self.db.begin() as conn:
-            conn.execute(db.patches.update().where(db.patches.c.name == name)
-                         .values(pinned=pinned, updated_at=db.utcnow()))
+            conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == name)
+                .values(pinned=pinned, updated_at=db.utcnow())
+            )
             db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
         return self.get(name)
 
     def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:
         """Save a background result (`orthogonality` or `evaluation`) with the patch."""
         with self.db.begin() as conn:
-            conn.execute(db.patches.update().where(db.patches.c.name == name)
-                         .values({field: db.dumps(value), "updated_at": db.utcnow()}))
+            conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == name)
+                .values({field: db.dumps(value), "updated_at": db.utcnow()})
+            )
 
     def _check_name(self, name: str) -> None:
         try:
@@ -219,8 +264,9 @@ class PatchRegistry:
 
     def _validate(self, path: Path) -> Any:
         try:
-            return validate_adapter(path, self.model_dir, max_rank=self.max_rank,
-                                    max_bytes=self.max_bytes)
+            return validate_adapter(
+                path, self.model_dir, max_rank=self.max_rank, max_bytes=self.max_bytes
+            )
         except AdapterValidationError as exc:
             raise _validation_to_api(exc) from exc
 
@@ -230,8 +276,9 @@ class PatchRegistry:
         try:
             existing = PatchMetadata.read(path)
         except ValueError as exc:
-            raise BadRequest(f"invalid safepatch.json: {exc}", param="metadata",
-                             code="invalid_metadata") from None
+            raise BadRequest(
+                f"invalid safepatch.json: {exc}", param="metadata", code="invalid_metadata"
+            ) from None
         meta = PatchMetadata(
             name=name,
             description=existing.description if existing else "",
@@ -247,24 +294,38 @@ class PatchRegistry:
         if source == "upload":  # our copy in the store: keep its metadata beside the weights
             meta.write(path)
         now = db.utcnow()
-        values = dict(path=str(path), sha256=checked.weights_sha256, rank=checked.rank,
-                      target_modules=db.dumps(checked.target_modules),
-                      meta=meta.model_dump_json(), source=source, status="active",
-                      pinned=False, orthogonality=None,
-                      evaluation=db.dumps(meta.evaluation) if meta.evaluation else None,
-                      updated_at=now)
+        values = dict(
+            path=str(path),
+            sha256=checked.weights_sha256,
+            rank=checked.rank,
+            target_modules=db.dumps(checked.target_modules),
+            meta=meta.model_dump_json(),
+            source=source,
+            status="active",
+            pinned=False,
+            orthogonality=None,
+            evaluation=db.dumps(meta.evaluation) if meta.evaluation else None,
+            updated_at=now,
+        )
         with self.db.begin() as conn:
-            row = conn.execute(sa.select(db.patches.c.status)
-                               .where(db.patches.c.name == name)).first()
+            row = conn.execute(
+                sa.select(db.patches.c.status).where(db.patches.c.name == name)
+            ).first()
             if row is not None and row.status == "active":
                 raise Conflict(f"safety patch '{name}' is already registered", param="name")
             if row is None:
                 conn.execute(db.patches.insert().values(name=name, created_at=now, **values))
             else:
-                conn.execute(db.patches.update().where(db.patches.c.name == name)
-                             .values(**values))
-            db.audit(conn, actor, "patch.register", name, source=source,
-                     sha256=checked.weights_sha256, path=str(path))
+                conn.execute(db.patches.update().where(db.patches.c.name == name).values(**values))
+            db.audit(
+                conn,
+                actor,
+                "patch.register",
+                name,
+                source=source,
+                sha256=checked.weights_sha256,
+                path=str(path),
+            )
         return self.get(name)
 
     # --- serving ---------------------------------------------------------------------

@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 # One lock per event loop: a module-level asyncio.Lock binds to the first loop that waits on
 # it, and every later loop (a second app in one process, tests) then fails with RuntimeError.
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def _one_at_a_time() -> asyncio.Lock:
@@ -31,8 +32,9 @@ async def compute_score(state: AppState, name: str, k: int | None = None) -> Any
 
     record = state.registry.get(name)
     async with _one_at_a_time():
-        return await asyncio.to_thread(score_adapter, record.path, state.model_dir,
-                                       k=k, cache_dir=state.settings.cache_dir)
+        return await asyncio.to_thread(
+            score_adapter, record.path, state.model_dir, k=k, cache_dir=state.settings.cache_dir
+        )
 
 
 async def _score_and_store(state: AppState, name: str) -> None:

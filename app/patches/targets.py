@@ -64,7 +64,10 @@ class ServingTargets:
         if rank > self.max_rank:
             raise BadRequest(
                 f"stacking {key} needs LoRA rank {rank}, above the engine's max_lora_rank "
-                f"{self.max_rank}", param="safety_patches", code="stacked_rank_too_large")
+                f"{self.max_rank}",
+                param="safety_patches",
+                code="stacked_rank_too_large",
+            )
         disk_name = combined_name([p.name for p in patches], [p.sha256 for p in patches])
         cached = self._stacked.get(key)
         if cached is not None and cached.path.name == disk_name:

@@ -57,8 +57,9 @@ class _Result:
 
 def _usage(chunk: GenerationChunk | None, prompt_len: int) -> Usage:
     completion = chunk.completion_tokens if chunk else 0
-    return Usage(prompt_tokens=prompt_len, completion_tokens=completion,
-                 total_tokens=prompt_len + completion)
+    return Usage(
+        prompt_tokens=prompt_len, completion_tokens=completion, total_tokens=prompt_len + completion
+    )
 
 
 def _sse(payload: str) -> str:
@@ -66,8 +67,15 @@ def _sse(payload: str) -> str:
 
 
 class CompletionServing:
-    def __init__(self, engine: EngineClient, prompts: PromptBuilder, registry: PatchRegistry,
-                 metrics: Metrics, model_name: str, log_prompts: bool = False) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        prompts: PromptBuilder,
+        registry: PatchRegistry,
+        metrics: Metrics,
+        model_name: str,
+        log_prompts: bool = False,
+    ) -> None:
         self.log_prompts = log_prompts  # prompt text reaches the logs only when asked for
         self.engine = engine
         self.prompts = prompts
@@ -83,14 +91,24 @@ class CompletionServing:
         info = SafePatchInfo(applied_patches=who.patches)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(self._chat_events(ids, sampling, who, rid, req.model, info,
-                                                  include_usage, http), who)
+            return self._stream(
+                self._chat_events(ids, sampling, who, rid, req.model, info, include_usage, http),
+                who,
+            )
         result = await self._collect(ids, sampling, who, rid)
         body = ChatCompletionResponse(
-            id=rid, created=now(), model=req.model, usage=result.usage, safepatch=info,
-            choices=[ChatChoice(message=ChatMessageOut(content=result.text),
-                                finish_reason=result.finish_reason,
-                                token_ids=result.token_ids if req.return_token_ids else None)],
+            id=rid,
+            created=now(),
+            model=req.model,
+            usage=result.usage,
+            safepatch=info,
+            choices=[
+                ChatChoice(
+                    message=ChatMessageOut(content=result.text),
+                    finish_reason=result.finish_reason,
+                    token_ids=result.token_ids if req.return_token_ids else None,
+                )
+            ],
         )
         return self._json(body.model_dump(), who)
 
@@ -101,26 +119,42 @@ class CompletionServing:
         info = SafePatchInfo(applied_patches=who.patches)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(self._completion_events(ids, sampling, who, rid, req.model, info,
-                                                        include_usage, http), who)
+            return self._stream(
+                self._completion_events(
+                    ids, sampling, who, rid, req.model, info, include_usage, http
+                ),
+                who,
+            )
         result = await self._collect(ids, sampling, who, rid)
         body = CompletionResponse(
-            id=rid, created=now(), model=req.model, usage=result.usage, safepatch=info,
-            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason,
-                                      token_ids=result.token_ids if req.return_token_ids
-                                      else None)],
+            id=rid,
+            created=now(),
+            model=req.model,
+            usage=result.usage,
+            safepatch=info,
+            choices=[
+                CompletionChoice(
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    token_ids=result.token_ids if req.return_token_ids else None,
+                )
+            ],
         )
         return self._json(body.model_dump(), who)
 
     # --- internals -------------------------------------------------------------------
-    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, ids: list[int],
-                  max_tokens: int | None) -> SamplingSpec:
+    def _sampling(
+        self, req: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None
+    ) -> SamplingSpec:
         if not self.engine.is_ready:
             raise Unavailable("the engine is still loading; retry shortly")
         return SamplingSpec(
             max_tokens=self.prompts.max_tokens(ids, max_tokens),
-            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=tuple(req.stop or ()),
+            ignore_eos=req.ignore_eos,
         )
 
     @staticmethod
@@ -145,18 +179,32 @@ class CompletionServing:
 
         body = leased()
         weakref.finalize(body, release)  # a body never iterated (client gone) still releases
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={**self._headers(who), "Cache-Control": "no-cache"})
+        return StreamingResponse(
+            body,
+            media_type="text/event-stream",
+            headers={**self._headers(who), "Cache-Control": "no-cache"},
+        )
 
-    async def _generate(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
-                        rid: str, http: Request | None = None) -> AsyncIterator[GenerationChunk]:
+    async def _generate(
+        self,
+        ids: list[int],
+        sampling: SamplingSpec,
+        who: Resolved,
+        rid: str,
+        http: Request | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
         """The one path to the engine: holds the LoRA lease, aborts on disconnect, records
         token metrics."""
         start, first, last = time.perf_counter(), None, None
         finished = False
         if self.log_prompts:
-            logger.info("prompt", extra={"prompt": self.prompts.tokenizer.decode(ids),
-                                         "patches": ",".join(who.patches)})
+            logger.info(
+                "prompt",
+                extra={
+                    "prompt": self.prompts.tokenizer.decode(ids),
+                    "patches": ",".join(who.patches),
+                },
+            )
         with self.registry.targets.lease(who.lora):
             try:
                 async for chunk in self.engine.generate(ids, sampling, rid, who.lora):
@@ -170,28 +218,43 @@ class CompletionServing:
             finally:
                 if not finished:
                     await self.engine.abort(rid)
-                self.metrics.observe_generation(who.tenant, who.patches, len(ids),
-                                                last.completion_tokens if last else 0, first)
+                self.metrics.observe_generation(
+                    who.tenant, who.patches, len(ids), last.completion_tokens if last else 0, first
+                )
 
-    async def _collect(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
-                       rid: str) -> _Result:
+    async def _collect(
+        self, ids: list[int], sampling: SamplingSpec, who: Resolved, rid: str
+    ) -> _Result:
         parts, token_ids, last = [], [], None
         async for chunk in self._generate(ids, sampling, who, rid):
             parts.append(chunk.text)
             token_ids += chunk.token_ids
             last = chunk
-        return _Result("".join(parts), token_ids, last.finish_reason if last else None,
-                       _usage(last, len(ids)))
+        return _Result(
+            "".join(parts), token_ids, last.finish_reason if last else None, _usage(last, len(ids))
+        )
 
-    async def _chat_events(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
-                           rid: str, model: str, info: SafePatchInfo, include_usage: bool,
-                           http: Request) -> AsyncIterator[str]:
+    async def _chat_events(
+        self,
+        ids: list[int],
+        sampling: SamplingSpec,
+        who: Resolved,
+        rid: str,
+        model: str,
+        info: SafePatchInfo,
+        include_usage: bool,
+        http: Request,
+    ) -> AsyncIterator[str]:
         created, last = now(), None
 
         def chunk(delta: DeltaMessage, finish: str | None = None, **extra) -> str:
-            body = ChatCompletionChunk(id=rid, created=created, model=model,
-                                       choices=[ChatChunkChoice(delta=delta,
-                                                                finish_reason=finish)], **extra)
+            body = ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=model,
+                choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+                **extra,
+            )
             return _sse(body.model_dump_json(exclude_none=True))
 
         yield chunk(DeltaMessage(role="assistant", content=""), safepatch=info)
@@ -200,24 +263,46 @@ class CompletionServing:
             if piece.text or piece.finish_reason:
                 yield chunk(DeltaMessage(content=piece.text), piece.finish_reason)
         if include_usage:
-            usage = ChatCompletionChunk(id=rid, created=created, model=model,
-                                        choices=[], usage=_usage(last, len(ids)))
+            usage = ChatCompletionChunk(
+                id=rid, created=created, model=model, choices=[], usage=_usage(last, len(ids))
+            )
             yield _sse(usage.model_dump_json(exclude_none=True))
         yield _sse("[DONE]")
 
-    async def _completion_events(self, ids: list[int], sampling: SamplingSpec, who: Resolved,
-                                 rid: str, model: str, info: SafePatchInfo,
-                                 include_usage: bool, http: Request) -> AsyncIterator[str]:
+    async def _completion_events(
+        self,
+        ids: list[int],
+        sampling: SamplingSpec,
+        who: Resolved,
+        rid: str,
+        model: str,
+        info: SafePatchInfo,
+        include_usage: bool,
+        http: Request,
+    ) -> AsyncIterator[str]:
         created, last, first = now(), None, True
         async for piece in self._generate(ids, sampling, who, rid, http):
             last = piece
             body = CompletionResponse(
-                id=rid, created=created, model=model, safepatch=info if first else None,
-                choices=[CompletionChoice(text=piece.text, finish_reason=piece.finish_reason)])
+                id=rid,
+                created=created,
+                model=model,
+                safepatch=info if first else None,
+                choices=[CompletionChoice(text=piece.text, finish_reason=piece.finish_reason)],
+            )
             first = False
             yield _sse(body.model_dump_json(exclude_none=True))
         if include_usage:
-            yield _sse(json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                   "model": model, "choices": [],
-                                   "usage": _usage(last, len(ids)).model_dump()}))
+            yield _sse(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(last, len(ids)).model_dump(),
+                    }
+                )
+            )
         yield _sse("[DONE]")

@@ -29,8 +29,11 @@ class PromptBuilder:
             return self.tokenizer.encode(prompt)
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in prompt):
-            raise BadRequest(f"prompt token ids must lie in [0, {vocab})", param="prompt",
-                             code="invalid_token_id")
+            raise BadRequest(
+                f"prompt token ids must lie in [0, {vocab})",
+                param="prompt",
+                code="invalid_token_id",
+            )
         return list(prompt)
 
     def max_tokens(self, prompt_ids: list[int], requested: int | None) -> int:

@@ -26,15 +26,21 @@ def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[s
     names = model.split(STACK_SEPARATOR)
     if all(registry.find(n) is not None for n in names):
         return names
-    raise NotFound(f"The model '{model}' does not exist", param="model",
-                   code="model_not_found")
+    raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
-async def resolve(principal: Principal, model: str, body_patches: list[str] | None,
-                  header: str | None, base_name: str, registry: PatchRegistry) -> Resolved:
+async def resolve(
+    principal: Principal,
+    model: str,
+    body_patches: list[str] | None,
+    header: str | None,
+    base_name: str,
+    registry: PatchRegistry,
+) -> Resolved:
     from_model = model_patches(model, base_name, registry)
-    toggles = parse_toggles([*(body_patches or []), *(header or "").split(",")],
-                            param="safety_patches")
+    toggles = parse_toggles(
+        [*(body_patches or []), *(header or "").split(",")], param="safety_patches"
+    )
     toggles = Toggles(toggles.opt_in | frozenset(from_model), toggles.opt_out)
     for name in toggles.opt_in:
         registry.get(name)  # unknown patch -> 404, before any policy answer

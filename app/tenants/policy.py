@@ -55,8 +55,11 @@ def parse_toggles(items: Iterable[str], param: str) -> Toggles:
         (opt_out if item.startswith("-") else opt_in).add(name)
     both = opt_in & opt_out
     if both:
-        raise BadRequest(f"patches both requested and opted out: {', '.join(sorted(both))}",
-                         param=param, code="conflicting_toggles")
+        raise BadRequest(
+            f"patches both requested and opted out: {', '.join(sorted(both))}",
+            param=param,
+            code="conflicting_toggles",
+        )
     return Toggles(frozenset(opt_in), frozenset(opt_out))
 
 
@@ -65,14 +68,22 @@ def effective_patches(policy: TenantPolicy, toggles: Toggles) -> list[str]:
     if dropped_mandatory:
         raise Forbidden(
             f"patches {', '.join(sorted(dropped_mandatory))} are mandatory for this tenant "
-            "and cannot be turned off", param="safety_patches", code="patch_mandatory")
+            "and cannot be turned off",
+            param="safety_patches",
+            code="patch_mandatory",
+        )
     forbidden = toggles.opt_in - policy.allowed()
     if forbidden:
         raise Forbidden(
             f"patches {', '.join(sorted(forbidden))} are not allowed for this tenant",
-            param="safety_patches", code="patch_forbidden")
+            param="safety_patches",
+            code="patch_forbidden",
+        )
     chosen = {*policy.mandatory, *(set(policy.default) - toggles.opt_out), *toggles.opt_in}
     if not chosen and not policy.allow_base:
-        raise Forbidden("this tenant may not use the base model without a safety patch",
-                        param="model", code="base_model_forbidden")
+        raise Forbidden(
+            "this tenant may not use the base model without a safety patch",
+            param="model",
+            code="base_model_forbidden",
+        )
     return sorted(chosen)

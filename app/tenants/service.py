@@ -47,8 +47,9 @@ class TenantService:
         digest = hash_key(secret)
         with self.db.connect() as conn:
             row = conn.execute(
-                sa.select(db.api_keys.c.tenant_id, db.api_keys.c.key_hash)
-                .where(db.api_keys.c.key_hash == digest, db.api_keys.c.revoked_at.is_(None))
+                sa.select(db.api_keys.c.tenant_id, db.api_keys.c.key_hash).where(
+                    db.api_keys.c.key_hash == digest, db.api_keys.c.revoked_at.is_(None)
+                )
             ).first()
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             raise Unauthorized("invalid or revoked API key")
@@ -64,30 +65,46 @@ class TenantService:
         with self.db.connect() as conn:
             row = conn.execute(sa.select(db.tenants).where(db.tenants.c.id == tenant_id)).first()
         if row is None:
-            raise NotFound(f"tenant '{tenant_id}' does not exist", param="id",
-                           code="tenant_not_found")
+            raise NotFound(
+                f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
+            )
         return self._tenant(row)
 
     def create(self, tenant_id: str, name: str, policy: TenantPolicy, actor: str) -> Tenant:
         if tenant_id in RESERVED_IDS:
-            raise BadRequest(f"tenant id '{tenant_id}' is reserved", param="id",
-                             code="invalid_tenant_id")
+            raise BadRequest(
+                f"tenant id '{tenant_id}' is reserved", param="id", code="invalid_tenant_id"
+            )
         if not TENANT_ID.fullmatch(tenant_id):
-            raise BadRequest("tenant id must match [a-z0-9][a-z0-9_-]{0,62}", param="id",
-                             code="invalid_tenant_id")
+            raise BadRequest(
+                "tenant id must match [a-z0-9][a-z0-9_-]{0,62}",
+                param="id",
+                code="invalid_tenant_id",
+            )
         now = db.utcnow()
         with self.db.begin() as conn:
             if conn.execute(sa.select(db.tenants.c.id).where(db.tenants.c.id == tenant_id)).first():
                 raise Conflict(f"tenant '{tenant_id}' already exists", param="id")
-            conn.execute(db.tenants.insert().values(
-                id=tenant_id, name=name, policy=policy.model_dump_json(), created_at=now,
-                updated_at=now))
-            db.audit(conn, actor, "tenant.create", tenant_id, name=name,
-                     policy=policy.model_dump())
+            conn.execute(
+                db.tenants.insert().values(
+                    id=tenant_id,
+                    name=name,
+                    policy=policy.model_dump_json(),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            db.audit(conn, actor, "tenant.create", tenant_id, name=name, policy=policy.model_dump())
         return self.get(tenant_id)
 
-    def update(self, tenant_id: str, actor: str, *, name: str | None = None,
-               policy: TenantPolicy | None = None) -> Tenant:
+    def update(
+        self,
+        tenant_id: str,
+        actor: str,
+        *,
+        name: str | None = None,
+        policy: TenantPolicy | None = None,
+    ) -> Tenant:
         before = self.get(tenant_id)
         values: dict[str, Any] = {"updated_at": db.utcnow()}
         if name is not None:
@@ -97,8 +114,14 @@ class TenantService:
         with self.db.begin() as conn:
             conn.execute(db.tenants.update().where(db.tenants.c.id == tenant_id).values(values))
             if policy is not None:
-                db.audit(conn, actor, "tenant.policy", tenant_id,
-                         before=before.policy.model_dump(), after=policy.model_dump())
+                db.audit(
+                    conn,
+                    actor,
+                    "tenant.policy",
+                    tenant_id,
+                    before=before.policy.model_dump(),
+                    after=policy.model_dump(),
+                )
             if name is not None:
                 db.audit(conn, actor, "tenant.rename", tenant_id, before=before.name, after=name)
         return self.get(tenant_id)
@@ -118,37 +141,70 @@ class TenantService:
         key_id = "key_" + secrets.token_hex(8)
         now = db.utcnow()
         with self.db.begin() as conn:
-            conn.execute(db.api_keys.insert().values(
-                id=key_id, tenant_id=tenant_id, key_hash=hash_key(secret),
-                prefix=secret[:8], created_at=now))
+            conn.execute(
+                db.api_keys.insert().values(
+                    id=key_id,
+                    tenant_id=tenant_id,
+                    key_hash=hash_key(secret),
+                    prefix=secret[:8],
+                    created_at=now,
+                )
+            )
             db.audit(conn, actor, "key.create", tenant_id, key_id=key_id)
         return {"id": key_id, "tenant_id": tenant_id, "key": secret, "created_at": now}
 
     def list_keys(self, tenant_id: str) -> list[dict[str, str | None]]:
         self.get(tenant_id)
         with self.db.connect() as conn:
-            rows = conn.execute(sa.select(db.api_keys).where(
-                db.api_keys.c.tenant_id == tenant_id).order_by(db.api_keys.c.created_at)).all()
-        return [{"id": r.id, "prefix": r.prefix, "created_at": r.created_at,
-                 "revoked_at": r.revoked_at} for r in rows]
+            rows = conn.execute(
+                sa.select(db.api_keys)
+                .where(db.api_keys.c.tenant_id == tenant_id)
+                .order_by(db.api_keys.c.created_at)
+            ).all()
+        return [
+            {"id": r.id, "prefix": r.prefix, "created_at": r.created_at, "revoked_at": r.revoked_at}
+            for r in rows
+        ]
 
     def revoke_key(self, tenant_id: str, key_id: str, actor: str) -> None:
         with self.db.begin() as conn:
-            done = conn.execute(db.api_keys.update().where(
-                db.api_keys.c.id == key_id, db.api_keys.c.tenant_id == tenant_id,
-                db.api_keys.c.revoked_at.is_(None)).values(revoked_at=db.utcnow()))
+            done = conn.execute(
+                db.api_keys.update()
+                .where(
+                    db.api_keys.c.id == key_id,
+                    db.api_keys.c.tenant_id == tenant_id,
+                    db.api_keys.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=db.utcnow())
+            )
             if done.rowcount == 0:
-                raise NotFound(f"no active key '{key_id}' for tenant '{tenant_id}'",
-                               param="key_id", code="key_not_found")
+                raise NotFound(
+                    f"no active key '{key_id}' for tenant '{tenant_id}'",
+                    param="key_id",
+                    code="key_not_found",
+                )
             db.audit(conn, actor, "key.revoke", tenant_id, key_id=key_id)
 
     # --- audit -----------------------------------------------------------------------
     def audit_log(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         with self.db.connect() as conn:
-            rows = conn.execute(sa.select(db.audit_log).order_by(db.audit_log.c.id.desc())
-                                .limit(limit).offset(offset)).all()
-        return [{"id": r.id, "at": r.at, "actor": r.actor, "action": r.action,
-                 "target": r.target, "detail": json.loads(r.detail)} for r in rows]
+            rows = conn.execute(
+                sa.select(db.audit_log)
+                .order_by(db.audit_log.c.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+        return [
+            {
+                "id": r.id,
+                "at": r.at,
+                "actor": r.actor,
+                "action": r.action,
+                "target": r.target,
+                "detail": json.loads(r.detail),
+            }
+            for r in rows
+        ]
 
     @staticmethod
     def _tenant(row: Any) -> Tenant:

@@ -50,8 +50,9 @@ def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def running_app(settings: Settings, engine: FakeEngine | None = None, *,
-                ready: bool = True) -> Iterator[tuple[TestClient, FakeEngine]]:
+def running_app(
+    settings: Settings, engine: FakeEngine | None = None, *, ready: bool = True
+) -> Iterator[tuple[TestClient, FakeEngine]]:
     """The real app over a FakeEngine, lifespan included (so a second one on the same settings
     is a restart)."""
     from app.main import create_app
@@ -76,18 +77,26 @@ def bearer(key: str) -> dict[str, str]:
 
 def add_tenant(client: TestClient, tenant_id: str, **policy: Any) -> dict[str, str]:
     """Create a tenant with `policy` and one key; returns its auth headers."""
-    created = client.post("/admin/tenants", headers=ADMIN,
-                          json={"id": tenant_id, "policy": policy})
+    created = client.post("/admin/tenants", headers=ADMIN, json={"id": tenant_id, "policy": policy})
     assert created.status_code == 201, created.text
     key = client.post(f"/admin/tenants/{tenant_id}/keys", headers=ADMIN)
     assert key.status_code == 201, key.text
     return bearer(key.json()["key"])
 
 
-def chat(client: TestClient, headers: dict[str, str] | None = None, model: str = BASE,
-         max_tokens: int = 2, **extra: Any) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": max_tokens, **extra}
+def chat(
+    client: TestClient,
+    headers: dict[str, str] | None = None,
+    model: str = BASE,
+    max_tokens: int = 2,
+    **extra: Any,
+) -> httpx.Response:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body, headers=headers or {})
 
 
@@ -121,8 +130,10 @@ def applied(response: httpx.Response) -> list[str]:
 
 def store_listing(store: Path) -> list[tuple[str, int]]:
     """Every path under the store (directories too) with its size."""
-    return sorted((p.relative_to(store).as_posix(), p.stat().st_size if p.is_file() else -1)
-                  for p in store.rglob("*"))
+    return sorted(
+        (p.relative_to(store).as_posix(), p.stat().st_size if p.is_file() else -1)
+        for p in store.rglob("*")
+    )
 
 
 def patch_rows(client: TestClient) -> list[tuple]:

@@ -42,8 +42,9 @@ WEIGHTS = "adapter_model.safetensors"
 
 # --- adapters that must be refused ----------------------------------------------------------
 @pytest.fixture(scope="module")
-def bad_adapters(tiny_model: Path, patch_library: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bad_adapters(
+    tiny_model: Path, patch_library: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """One directory per validation failure, each otherwise a plausible adapter."""
     root = tmp_path_factory.mktemp("bad-adapters")
     alpha = patch_library / "alpha"
@@ -61,11 +62,13 @@ def bad_adapters(tiny_model: Path, patch_library: Path,
     (not_lora / CONFIG).write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}))
 
     other_model = build_tiny_llama(root / "other-model", hidden_size=96, num_heads=3)
-    make_lora_adapter(other_model, root / "other-base", r=4, alpha=8,
-                      target_modules=["q_proj", "v_proj"], seed=5)
+    make_lora_adapter(
+        other_model, root / "other-base", r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=5
+    )
 
-    make_lora_adapter(tiny_model, root / "rank-too-large", r=40, alpha=40,
-                      target_modules=["q_proj"], seed=6)
+    make_lora_adapter(
+        tiny_model, root / "rank-too-large", r=40, alpha=40, target_modules=["q_proj"], seed=6
+    )
 
     nan = copy("nan-weights")
     tensors = load_file(str(nan / WEIGHTS))
@@ -86,9 +89,12 @@ FAILURES = [
 
 
 @pytest.fixture(scope="module")
-def registry_app(scoring_calls: list[str], tiny_model: Path, patch_library: Path,
-                 tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[tuple[TestClient, Path]]:
+def registry_app(
+    scoring_calls: list[str],
+    tiny_model: Path,
+    patch_library: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[TestClient, Path]]:
     """One app for the refusal tests: each checks that it changed nothing."""
     root = tmp_path_factory.mktemp("registry")
     store = make_store(patch_library, root / "adapters")
@@ -116,8 +122,7 @@ class Unchanged:
 
 def upload(client: TestClient, name: str | None, files: dict[str, bytes]) -> httpx.Response:
     data = {"name": name} if name is not None else {}
-    parts = {f"file{i}": (filename, content) for i, (filename, content) in
-             enumerate(files.items())}
+    parts = {f"file{i}": (filename, content) for i, (filename, content) in enumerate(files.items())}
     return client.post("/admin/adapters", headers=ADMIN, data=data, files=parts)
 
 
@@ -126,8 +131,9 @@ def adapter_files(adapter: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(("adapter", "status", "code"), FAILURES)
-def test_refused_upload_changes_nothing(registry_app, bad_adapters, adapter: str, status: int,
-                                        code: str) -> None:
+def test_refused_upload_changes_nothing(
+    registry_app, bad_adapters, adapter: str, status: int, code: str
+) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
     response = upload(client, "incoming", adapter_files(bad_adapters[adapter]))
@@ -137,16 +143,19 @@ def test_refused_upload_changes_nothing(registry_app, bad_adapters, adapter: str
     assert not (store / "incoming").exists()
 
 
-@pytest.mark.parametrize(("adapter", "status", "code"),
-                         [*FAILURES, ("pickled", 400, "pickle_weights_refused")])
-def test_refused_path_registration_changes_nothing(registry_app, bad_adapters, adapter: str,
-                                                   status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("adapter", "status", "code"), [*FAILURES, ("pickled", 400, "pickle_weights_refused")]
+)
+def test_refused_path_registration_changes_nothing(
+    registry_app, bad_adapters, adapter: str, status: int, code: str
+) -> None:
     client, store = registry_app
     shutil.copytree(bad_adapters[adapter], store / adapter)
     try:
         state = Unchanged(client, store)
-        response = client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": adapter, "path": adapter})
+        response = client.post(
+            "/admin/adapters", headers=ADMIN, json={"name": adapter, "path": adapter}
+        )
         assert_error(response, status, code)
         state.check()
         assert client.get(f"/admin/adapters/{adapter}", headers=ADMIN).status_code == 404
@@ -158,24 +167,33 @@ def test_pickled_upload_is_refused(registry_app, bad_adapters) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
     pickled = bad_adapters["pickled"]
-    response = upload(client, "pickled", {
-        CONFIG: (pickled / CONFIG).read_bytes(),
-        "adapter_model.bin": (pickled / "adapter_model.bin").read_bytes()})
+    response = upload(
+        client,
+        "pickled",
+        {
+            CONFIG: (pickled / CONFIG).read_bytes(),
+            "adapter_model.bin": (pickled / "adapter_model.bin").read_bytes(),
+        },
+    )
     error = assert_error(response, 400, "pickle_weights_refused")
     assert "adapter_model.bin" in error["message"]
     # a pickle next to valid safetensors is refused too
     pickle_bytes = (pickled / "adapter_model.bin").read_bytes()
-    response = upload(client, "pickled", {**adapter_files(pickled),
-                                          "adapter_model.bin": pickle_bytes})
+    response = upload(
+        client, "pickled", {**adapter_files(pickled), "adapter_model.bin": pickle_bytes}
+    )
     assert_error(response, 400, "pickle_weights_refused")
     state.check()
 
 
-@pytest.mark.parametrize(("files", "code"), [
-    ({CONFIG: b"{}"}, "missing_files"),
-    ({WEIGHTS: b"\0" * 16}, "missing_files"),
-    ({"model.py": b"print(1)"}, "unexpected_file"),
-])
+@pytest.mark.parametrize(
+    ("files", "code"),
+    [
+        ({CONFIG: b"{}"}, "missing_files"),
+        ({WEIGHTS: b"\0" * 16}, "missing_files"),
+        ({"model.py": b"print(1)"}, "unexpected_file"),
+    ],
+)
 def test_incomplete_upload_is_refused(registry_app, files: dict[str, bytes], code: str) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
@@ -191,18 +209,20 @@ def test_corrupt_safetensors_upload_is_refused(registry_app, patch_library) -> N
     state.check()
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "Upper", "sp ace", "x" * 64,
-                                  "a+b", "stack-mine", "ünï"])
+@pytest.mark.parametrize(
+    "name",
+    ["../x", "a/b", "..", ".hidden", "Upper", "sp ace", "x" * 64, "a+b", "stack-mine", "ünï"],
+)
 def test_unsafe_name_is_refused(registry_app, patch_library, name: str) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
-    assert_error(upload(client, name, adapter_files(patch_library / "gamma")), 400,
-                 "invalid_name")
+    assert_error(upload(client, name, adapter_files(patch_library / "gamma")), 400, "invalid_name")
     shutil.copytree(patch_library / "gamma", store / "gamma-copy")
     try:
         state = Unchanged(client, store)
-        response = client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": name, "path": "gamma-copy"})
+        response = client.post(
+            "/admin/adapters", headers=ADMIN, json={"name": name, "path": "gamma-copy"}
+        )
         assert_error(response, 400, "invalid_name")
         state.check()
     finally:
@@ -212,8 +232,7 @@ def test_unsafe_name_is_refused(registry_app, patch_library, name: str) -> None:
 def test_missing_name_is_refused(registry_app, patch_library) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
-    assert_error(upload(client, None, adapter_files(patch_library / "gamma")), 400,
-                 "missing_name")
+    assert_error(upload(client, None, adapter_files(patch_library / "gamma")), 400, "missing_name")
     state.check()
 
 
@@ -223,15 +242,27 @@ def test_path_outside_the_store_is_refused(registry_app, patch_library) -> None:
     link.symlink_to(patch_library / "gamma", target_is_directory=True)
     try:
         state = Unchanged(client, store)
-        for path in ["../x", "../../gamma", str(patch_library / "gamma"), ".", "",
-                     "alpha/../../adapters", "link-out"]:
-            response = client.post("/admin/adapters", headers=ADMIN,
-                                   json={"name": "outside", "path": path})
+        for path in [
+            "../x",
+            "../../gamma",
+            str(patch_library / "gamma"),
+            ".",
+            "",
+            "alpha/../../adapters",
+            "link-out",
+        ]:
+            response = client.post(
+                "/admin/adapters", headers=ADMIN, json={"name": "outside", "path": path}
+            )
             error = assert_error(response, 400, "path_outside_store")
             assert error["param"] == "path"
-        assert_error(client.post("/admin/adapters", headers=ADMIN,
-                                 json={"name": "outside", "path": "no-such-dir"}),
-                     400, "adapter_not_found")
+        assert_error(
+            client.post(
+                "/admin/adapters", headers=ADMIN, json={"name": "outside", "path": "no-such-dir"}
+            ),
+            400,
+            "adapter_not_found",
+        )
         state.check()
     finally:
         link.unlink()
@@ -241,8 +272,9 @@ def test_path_outside_the_store_is_refused(registry_app, patch_library) -> None:
 def test_malformed_register_body_is_400(registry_app, body: bytes) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
-    response = client.post("/admin/adapters", content=body,
-                           headers={**ADMIN, "Content-Type": "application/json"})
+    response = client.post(
+        "/admin/adapters", content=body, headers={**ADMIN, "Content-Type": "application/json"}
+    )
     assert_error(response, 400, "invalid_body")
     state.check()
 
@@ -250,15 +282,18 @@ def test_malformed_register_body_is_400(registry_app, body: bytes) -> None:
 def test_registering_a_taken_name_is_409(registry_app, patch_library) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
-    assert_error(client.post("/admin/adapters", headers=ADMIN,
-                             json={"name": "alpha", "path": "beta"}), 409, "conflict")
-    assert_error(upload(client, "alpha", adapter_files(patch_library / "gamma")), 409,
-                 "conflict")
+    assert_error(
+        client.post("/admin/adapters", headers=ADMIN, json={"name": "alpha", "path": "beta"}),
+        409,
+        "conflict",
+    )
+    assert_error(upload(client, "alpha", adapter_files(patch_library / "gamma")), 409, "conflict")
     state.check()
 
 
-def test_too_large_adapter_is_refused(tiny_model: Path, patch_library: Path,
-                                      tmp_path: Path) -> None:
+def test_too_large_adapter_is_refused(
+    tiny_model: Path, patch_library: Path, tmp_path: Path
+) -> None:
     store = make_store(patch_library, tmp_path / "adapters", names=("alpha",))
     # gamma's weights file alone is larger than 4 kB
     assert (patch_library / "gamma" / WEIGHTS).stat().st_size > 4096
@@ -267,10 +302,14 @@ def test_too_large_adapter_is_refused(tiny_model: Path, patch_library: Path,
     with running_app(settings) as (client, _):
         assert adapter_names(client) == []  # alpha is too large as well: skipped at the scan
         state = Unchanged(client, store)
-        assert_error(upload(client, "gamma", adapter_files(patch_library / "gamma")), 400,
-                     "too_large")
-        assert_error(client.post("/admin/adapters", headers=ADMIN,
-                                 json={"name": "alpha", "path": "alpha"}), 400, "too_large")
+        assert_error(
+            upload(client, "gamma", adapter_files(patch_library / "gamma")), 400, "too_large"
+        )
+        assert_error(
+            client.post("/admin/adapters", headers=ADMIN, json={"name": "alpha", "path": "alpha"}),
+            400,
+            "too_large",
+        )
         huge = {CONFIG: b"{}", WEIGHTS: b"\0" * 1_100_000}
         assert_error(upload(client, "huge", huge), 413, "payload_too_large")
         state.check()
@@ -299,13 +338,15 @@ def test_list_and_get(api, store: Path) -> None:
     assert_error(client.get("/admin/adapters/nope", headers=ADMIN), 404, "patch_not_found")
 
 
-def test_register_from_path_serves_next_request(dev_settings: Settings, patch_library: Path,
-                                                store: Path, scoring_calls) -> None:
+def test_register_from_path_serves_next_request(
+    dev_settings: Settings, patch_library: Path, store: Path, scoring_calls
+) -> None:
     with running_app(dev_settings) as (client, engine):
         assert_error(chat(client, model="gamma"), 404, "model_not_found")
         shutil.copytree(patch_library / "gamma", store / "gamma")
-        response = client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": "gamma", "path": "gamma"})
+        response = client.post(
+            "/admin/adapters", headers=ADMIN, json={"name": "gamma", "path": "gamma"}
+        )
         assert response.status_code == 201, response.text
         assert response.json()["name"] == "gamma"
         assert response.json()["source"] == "path"
@@ -318,13 +359,17 @@ def test_register_from_path_serves_next_request(dev_settings: Settings, patch_li
         assert served.json()["choices"][0]["message"]["content"] == "gamma:0 gamma:1 "
         assert served_lora(engine) == "gamma"
         # the same directory may also be registered under a second name (absolute path)
-        response = client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": "gamma.v2", "path": str(store / "gamma")})
+        response = client.post(
+            "/admin/adapters",
+            headers=ADMIN,
+            json={"name": "gamma.v2", "path": str(store / "gamma")},
+        )
         assert response.status_code == 201, response.text
 
 
-def test_register_by_upload_serves_next_request(dev_settings: Settings, patch_library: Path,
-                                                store: Path) -> None:
+def test_register_by_upload_serves_next_request(
+    dev_settings: Settings, patch_library: Path, store: Path
+) -> None:
     with running_app(dev_settings) as (client, engine):
         before = store_listing(store)
         gamma = patch_library / "gamma"
@@ -341,8 +386,9 @@ def test_register_by_upload_serves_next_request(dev_settings: Settings, patch_li
         assert served_lora(engine) == "gamma-up"
 
 
-def test_delete_then_404_and_gone_from_models(dev_settings: Settings, patch_library: Path,
-                                              store: Path) -> None:
+def test_delete_then_404_and_gone_from_models(
+    dev_settings: Settings, patch_library: Path, store: Path
+) -> None:
     with running_app(dev_settings) as (client, engine):
         assert upload(client, "gamma", adapter_files(patch_library / "gamma")).status_code == 201
         assert client.post("/admin/adapters/alpha/pin", headers=ADMIN).status_code == 200
@@ -351,10 +397,12 @@ def test_delete_then_404_and_gone_from_models(dev_settings: Settings, patch_libr
             assert chat(client, model=name).status_code == 200
             response = client.delete(f"/admin/adapters/{name}", headers=ADMIN)
             assert response.status_code == 204, response.text
-            assert_error(client.get(f"/admin/adapters/{name}", headers=ADMIN), 404,
-                         "patch_not_found")
-            assert_error(client.delete(f"/admin/adapters/{name}", headers=ADMIN), 404,
-                         "patch_not_found")
+            assert_error(
+                client.get(f"/admin/adapters/{name}", headers=ADMIN), 404, "patch_not_found"
+            )
+            assert_error(
+                client.delete(f"/admin/adapters/{name}", headers=ADMIN), 404, "patch_not_found"
+            )
             assert_error(chat(client, model=name), 404, "model_not_found")
             assert_error(chat(client, safety_patches=[name]), 404, "patch_not_found")
             assert name not in model_ids(client)
@@ -384,14 +432,18 @@ def test_pin_and_unpin_reach_the_engine(api) -> None:
     assert_error(client.post("/admin/adapters/nope/pin", headers=ADMIN), 404, "patch_not_found")
 
 
-def test_registrations_survive_a_restart(settings: Settings, patch_library: Path,
-                                         store: Path) -> None:
+def test_registrations_survive_a_restart(
+    settings: Settings, patch_library: Path, store: Path
+) -> None:
     with running_app(settings) as (client, _):
         shutil.copytree(patch_library / "gamma", store / "gamma-dir")
-        assert upload(client, "uploaded", adapter_files(patch_library / "gamma")).status_code \
+        assert upload(client, "uploaded", adapter_files(patch_library / "gamma")).status_code == 201
+        assert (
+            client.post(
+                "/admin/adapters", headers=ADMIN, json={"name": "by-path", "path": "gamma-dir"}
+            ).status_code
             == 201
-        assert client.post("/admin/adapters", headers=ADMIN,
-                           json={"name": "by-path", "path": "gamma-dir"}).status_code == 201
+        )
         assert client.post("/admin/adapters/beta/pin", headers=ADMIN).status_code == 200
         assert client.delete("/admin/adapters/alpha", headers=ADMIN).status_code == 204
         before = client.get("/admin/adapters", headers=ADMIN).json()["data"]
@@ -401,13 +453,17 @@ def test_registrations_survive_a_restart(settings: Settings, patch_library: Path
         assert after == before
         assert [a["name"] for a in after] == ["beta", "by-path", "uploaded"]  # ...but not back
         assert {a["name"]: a["source"] for a in after} == {
-            "beta": "scan", "by-path": "path", "uploaded": "upload"}
+            "beta": "scan",
+            "by-path": "path",
+            "uploaded": "upload",
+        }
         assert [engine.loaded[i].name for i in engine.pinned] == ["beta"]  # pinned at start-up
         assert_error(client.get("/admin/adapters/alpha", headers=ADMIN), 404)
 
 
-def test_a_deleted_scanned_patch_stays_deleted_across_restarts(settings: Settings,
-                                                               store: Path) -> None:
+def test_a_deleted_scanned_patch_stays_deleted_across_restarts(
+    settings: Settings, store: Path
+) -> None:
     with running_app(settings) as (client, _):
         assert client.delete("/admin/adapters/beta", headers=ADMIN).status_code == 204
     for _ in range(2):
@@ -415,30 +471,36 @@ def test_a_deleted_scanned_patch_stays_deleted_across_restarts(settings: Setting
             assert adapter_names(client) == ["alpha"]
     # and it can be registered again on purpose
     with running_app(settings) as (client, _):
-        response = client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": "beta", "path": "beta"})
+        response = client.post(
+            "/admin/adapters", headers=ADMIN, json={"name": "beta", "path": "beta"}
+        )
         assert response.status_code == 201, response.text
     with running_app(settings) as (client, _):
         assert adapter_names(client) == ["alpha", "beta"]
 
 
-def test_a_patch_registered_under_another_name_is_not_rescanned(settings: Settings,
-                                                                patch_library: Path,
-                                                                store: Path) -> None:
+def test_a_patch_registered_under_another_name_is_not_rescanned(
+    settings: Settings, patch_library: Path, store: Path
+) -> None:
     """The start-up scan must not register a directory again under its own name when it is
     already registered (or was deleted) under another one."""
     with running_app(settings) as (client, _):
         shutil.copytree(patch_library / "gamma", store / "gamma-dir")
         for name in ("kept", "dropped"):
-            assert client.post("/admin/adapters", headers=ADMIN,
-                               json={"name": name, "path": "gamma-dir"}).status_code == 201
+            assert (
+                client.post(
+                    "/admin/adapters", headers=ADMIN, json={"name": name, "path": "gamma-dir"}
+                ).status_code
+                == 201
+            )
         assert client.delete("/admin/adapters/dropped", headers=ADMIN).status_code == 204
     with running_app(settings) as (client, _):
         assert adapter_names(client) == ["alpha", "beta", "kept"]
 
 
-def test_delete_while_streaming_does_not_disturb_the_stream(dev_settings: Settings,
-                                                            patch_library: Path) -> None:
+def test_delete_while_streaming_does_not_disturb_the_stream(
+    dev_settings: Settings, patch_library: Path
+) -> None:
     """The stream using a patch finishes; the engine unloads the patch only afterwards."""
     engine = FakeEngine(token_delay=0.02)
     with running_app(dev_settings, engine) as (client, _):
@@ -456,8 +518,7 @@ def test_delete_while_streaming_does_not_disturb_the_stream(dev_settings: Settin
             assert time.monotonic() < deadline
             time.sleep(0.005)
         assert client.delete("/admin/adapters/alpha", headers=ADMIN).status_code == 204
-        assert upload(client, "gamma", adapter_files(patch_library / "gamma")).status_code \
-            == 201
+        assert upload(client, "gamma", adapter_files(patch_library / "gamma")).status_code == 201
         assert alpha_id in engine.loaded, "unloaded while a request still used it"
         worker.join(10)
         body = result["r"].text

@@ -42,16 +42,32 @@ class Server:
 def server(tiny_model: Path, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     settings = {
-        "model": str(tiny_model), "host": "127.0.0.1", "port": port,
-        "adapters_dir": str(tmp_path / "adapters"), "cache_dir": str(tmp_path / "cache"),
-        "database_url": f"sqlite:///{tmp_path / 'safepatch.db'}", "admin_token": ADMIN_TOKEN,
-        "dev_mode": True, "max_model_len": 256, "drain_timeout_s": 20, "log_json": True,
+        "model": str(tiny_model),
+        "host": "127.0.0.1",
+        "port": port,
+        "adapters_dir": str(tmp_path / "adapters"),
+        "cache_dir": str(tmp_path / "cache"),
+        "database_url": f"sqlite:///{tmp_path / 'safepatch.db'}",
+        "admin_token": ADMIN_TOKEN,
+        "dev_mode": True,
+        "max_model_len": 256,
+        "drain_timeout_s": 20,
+        "log_json": True,
     }
     log = tmp_path / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fake_server", json.dumps(settings),
-             str(TOKEN_DELAY)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "tests.support.fake_server",
+                json.dumps(settings),
+                str(TOKEN_DELAY),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 60
@@ -72,19 +88,29 @@ def server(tiny_model: Path, tmp_path: Path) -> Iterator[Server]:
 
 
 def test_sigterm_lets_the_stream_in_flight_finish(server: Server) -> None:
-    body = {"model": BASE, "max_tokens": TOKENS, "stream": True,
-            "messages": [{"role": "user", "content": "count"}]}
+    body = {
+        "model": BASE,
+        "max_tokens": TOKENS,
+        "stream": True,
+        "messages": [{"role": "user", "content": "count"}],
+    }
     pieces: list[str] = []
     done = False
     refused_during_drain = None
-    with httpx.Client(timeout=30) as client, client.stream(
-            "POST", f"{server.url}/v1/chat/completions", json=body,
-            headers={"X-Request-ID": "drain-rid"}) as response:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers={"X-Request-ID": "drain-rid"},
+        ) as response,
+    ):
         assert response.status_code == 200
         for line in response.iter_lines():
             if not line.startswith("data: "):
                 continue
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             if payload == "[DONE]":
                 done = True
                 continue
@@ -109,8 +135,9 @@ def test_sigterm_lets_the_stream_in_flight_finish(server: Server) -> None:
     entries = [json.loads(line) for line in lines if line.startswith("{")]
     messages = [e["message"] for e in entries]
     assert "fake engine shut down" in messages, lines
-    assert messages[-2:] == ["Application shutdown complete.",
-                             f"Finished server process [{server.process.pid}]"], messages[-3:]
+    assert messages[-2:] == [
+        "Application shutdown complete.",
+        f"Finished server process [{server.process.pid}]",
+    ], messages[-3:]
     stream_log = [e for e in entries if e["request_id"] == "drain-rid"]
     assert stream_log and stream_log[0]["status"] == 200, lines
-

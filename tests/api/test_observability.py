@@ -37,8 +37,9 @@ def samples(client: TestClient, name: str) -> list[tuple[dict[str, str], float]]
 
 def value(client: TestClient, name: str, **labels: str) -> float:
     """The sample of `name` whose labels include `labels` (0 if there is none)."""
-    found = [v for sample_labels, v in samples(client, name)
-             if labels.items() <= sample_labels.items()]
+    found = [
+        v for sample_labels, v in samples(client, name) if labels.items() <= sample_labels.items()
+    ]
     assert len(found) <= 1, found
     return found[0] if found else 0.0
 
@@ -55,11 +56,29 @@ def test_metrics_count_a_chat_request_by_route_status_tenant_and_patches(api) ->
     assert value(client, "safepatch_requests_total", **labels) == 2
     # a stacked set and the bare base are labelled by what was applied
     assert chat(client, key, safety_patches=["beta"]).status_code == 200
-    assert value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="200",
-                 tenant="obs", patches="alpha,beta") == 1
+    assert (
+        value(
+            client,
+            "safepatch_requests_total",
+            route=CHAT_ROUTE,
+            status="200",
+            tenant="obs",
+            patches="alpha,beta",
+        )
+        == 1
+    )
     assert chat(client, key, safety_patches=["-alpha"]).status_code == 200
-    assert value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="200",
-                 tenant="obs", patches="none") == 1
+    assert (
+        value(
+            client,
+            "safepatch_requests_total",
+            route=CHAT_ROUTE,
+            status="200",
+            tenant="obs",
+            patches="none",
+        )
+        == 1
+    )
     # tokens and time to first token, by tenant and patch set
     tokens = dict(tenant="obs", patches="alpha")
     assert value(client, "safepatch_tokens_total", kind="generated", **tokens) == 6
@@ -72,28 +91,51 @@ def test_metrics_count_refusals_and_unknown_callers(api) -> None:
     client, _ = api
     key = add_tenant(client, "obs", mandatory=["alpha"])
     assert_error(chat(client, key, safety_patches=["-alpha"]), 403)
-    assert value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="403",
-                 tenant="obs") == 1
+    assert (
+        value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="403", tenant="obs") == 1
+    )
     assert_error(chat(client), 401)
-    assert value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="401",
-                 tenant="anonymous", patches="none") == 1
+    assert (
+        value(
+            client,
+            "safepatch_requests_total",
+            route=CHAT_ROUTE,
+            status="401",
+            tenant="anonymous",
+            patches="none",
+        )
+        == 1
+    )
     client.get("/v1/no-such-route")
     assert value(client, "safepatch_requests_total", route="unmatched", status="404") == 1
     assert client.get("/admin/adapters", headers=ADMIN).status_code == 200
-    assert value(client, "safepatch_requests_total", route="/admin/adapters", status="200",
-                 tenant="admin") == 1
+    assert (
+        value(
+            client,
+            "safepatch_requests_total",
+            route="/admin/adapters",
+            status="200",
+            tenant="admin",
+        )
+        == 1
+    )
     # path parameters stay out of the route label
     client.get("/admin/adapters/alpha", headers=ADMIN)
     client.get("/admin/adapters/beta", headers=ADMIN)
-    assert value(client, "safepatch_requests_total", route="/admin/adapters/{name}",
-                 status="200") == 2
+    assert (
+        value(client, "safepatch_requests_total", route="/admin/adapters/{name}", status="200") == 2
+    )
 
 
 def test_metrics_count_adapter_events(api, patch_library: Path, store: Path) -> None:
     client, _ = api
     shutil.copytree(patch_library / "gamma", store / "gamma")
-    assert client.post("/admin/adapters", headers=ADMIN,
-                       json={"name": "gamma", "path": "gamma"}).status_code == 201
+    assert (
+        client.post(
+            "/admin/adapters", headers=ADMIN, json={"name": "gamma", "path": "gamma"}
+        ).status_code
+        == 201
+    )
     assert client.post("/admin/adapters/gamma/pin", headers=ADMIN).status_code == 200
     assert client.delete("/admin/adapters/gamma", headers=ADMIN).status_code == 204
     for event in ("registered", "pinned", "deleted"):
@@ -114,8 +156,12 @@ def test_label_cardinality_is_bounded() -> None:
     for tenant in ("a", "b", "c", "d", "a"):
         metrics.observe_request("/r", 200, tenant, [tenant], 0.01)
     text = metrics.render().decode()
-    tenants = {s.labels["tenant"]: s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name == "safepatch_requests_total"}
+    tenants = {
+        s.labels["tenant"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "safepatch_requests_total"
+    }
     assert tenants == {"a": 2, "b": 1, "other": 2}
 
 
@@ -123,10 +169,12 @@ def test_label_cardinality_is_bounded() -> None:
 def test_request_id_round_trips(api) -> None:
     client, _ = api
     key = add_tenant(client, "rid", allow_base=True)
-    for response in (chat(client, {**key, "X-Request-ID": "req-abc-123"}),
-                     chat(client, {**key, "X-Request-ID": "req-abc-123"}, stream=True),
-                     chat(client, {"X-Request-ID": "req-abc-123"}),  # a 401
-                     client.get("/health", headers={"X-Request-ID": "req-abc-123"})):
+    for response in (
+        chat(client, {**key, "X-Request-ID": "req-abc-123"}),
+        chat(client, {**key, "X-Request-ID": "req-abc-123"}, stream=True),
+        chat(client, {"X-Request-ID": "req-abc-123"}),  # a 401
+        client.get("/health", headers={"X-Request-ID": "req-abc-123"}),
+    ):
         assert response.headers["X-Request-ID"] == "req-abc-123", response.status_code
 
 
@@ -170,8 +218,9 @@ def json_log_lines() -> Iterator[list[str]]:
 def test_json_formatter_writes_one_json_object_per_record() -> None:
     from app.observability.logging import request_id_var
 
-    record = logging.LogRecord("app.test", logging.WARNING, __file__, 1, "hello %s", ("world",),
-                               None)
+    record = logging.LogRecord(
+        "app.test", logging.WARNING, __file__, 1, "hello %s", ("world",), None
+    )
     record.tenant = "acme"
     token = request_id_var.set("rid-1")
     try:
@@ -192,10 +241,15 @@ def test_a_request_logs_json_lines_with_its_request_id(settings: Settings) -> No
     with running_app(settings) as (client, _):
         key = add_tenant(client, "logs", allow_base=True)
         with json_log_lines() as lines:
-            response = client.post("/v1/chat/completions", headers={
-                **key, "X-Request-ID": "log-rid-42"}, json={
-                "model": BASE, "max_tokens": 2,
-                "messages": [{"role": "user", "content": secret_prompt}]})
+            response = client.post(
+                "/v1/chat/completions",
+                headers={**key, "X-Request-ID": "log-rid-42"},
+                json={
+                    "model": BASE,
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": secret_prompt}],
+                },
+            )
             assert response.status_code == 200
         entries = [json.loads(line) for line in lines]  # every line is valid JSON
         mine = [e for e in entries if e["request_id"] == "log-rid-42"]
@@ -207,9 +261,13 @@ def test_a_request_logs_json_lines_with_its_request_id(settings: Settings) -> No
 
 
 class FailingEngine(FakeEngine):
-    async def generate(self, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       request_id: str, lora: LoraTarget | None = None
-                       ) -> AsyncIterator[GenerationChunk]:
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        request_id: str,
+        lora: LoraTarget | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
         raise RuntimeError("engine exploded")
         yield  # pragma: no cover - makes this an async generator
 
@@ -233,7 +291,8 @@ def test_an_engine_failure_is_a_500_with_request_id_log_and_metric(settings: Set
         failure = [e for e in logged if e["level"] == "ERROR"]
         assert failure and failure[0]["request_id"] == "rid-500", logged
         assert "engine exploded" in failure[0]["exc_info"]
-        assert value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="500",
-                     tenant="boom") == 1
+        assert (
+            value(client, "safepatch_requests_total", route=CHAT_ROUTE, status="500", tenant="boom")
+            == 1
+        )
         assert client.get("/health").status_code == 200
-

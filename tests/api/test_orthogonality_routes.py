@@ -17,8 +17,9 @@ def test_adapter_orthogonality_shape(fake_app) -> None:
     assert abs(body["orthogonality"] - (1.0 - body["phi"])) < 1e-9
     # alpha targets q_proj and v_proj in both layers of the tiny model
     assert len(body["modules"]) == 4
-    right = client.get("/admin/adapters/alpha/orthogonality?side=right&detail=false&k=2",
-                       headers=ADMIN).json()
+    right = client.get(
+        "/admin/adapters/alpha/orthogonality?side=right&detail=false&k=2", headers=ADMIN
+    ).json()
     assert right["side"] == "right" and right["k"] == 2 and "modules" not in right
 
 

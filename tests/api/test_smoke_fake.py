@@ -5,8 +5,10 @@ from tests.conftest import ADMIN
 
 def test_dev_free_request_needs_key(fake_app) -> None:
     client, _ = fake_app
-    response = client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
 

@@ -41,8 +41,12 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def shared(scoring_calls: list[str], tiny_model: Path, patch_library: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, FakeEngine]]:
+def shared(
+    scoring_calls: list[str],
+    tiny_model: Path,
+    patch_library: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[TestClient, FakeEngine]]:
     """One app for the tests that only add tenants (each its own, under a fresh id) and never
     change the registry."""
     root = tmp_path_factory.mktemp("tenants")
@@ -69,8 +73,9 @@ def audit(client: TestClient) -> list[dict]:
     return response.json()["data"]
 
 
-def served_ok(client: TestClient, engine: FakeEngine, headers: dict[str, str],
-              **request) -> list[str]:
+def served_ok(
+    client: TestClient, engine: FakeEngine, headers: dict[str, str], **request
+) -> list[str]:
     """Send a chat request; check that the applied set reported (header and body) is what the
     engine served, and return it."""
     response = chat(client, headers, **request)
@@ -85,16 +90,28 @@ def served_ok(client: TestClient, engine: FakeEngine, headers: dict[str, str],
 
 
 # --- authentication ---------------------------------------------------------------------------
-@pytest.mark.parametrize("auth", [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz",
-                                  "Bearer sp-unknown-key", "Bearer " + "x" * 200])
+@pytest.mark.parametrize(
+    "auth",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "Bearer sp-unknown-key",
+        "Bearer " + "x" * 200,
+    ],
+)
 def test_missing_or_unknown_key_is_401(shared, auth: str | None) -> None:
     client, engine = shared
     new_tenant(client, allow_base=True)
     calls = len(engine.calls)
     headers = {"Authorization": auth} if auth is not None else {}
-    for response in (chat(client, headers), client.get("/v1/models", headers=headers),
-                     client.post("/v1/completions", headers=headers,
-                                 json={"model": BASE, "prompt": "hi"})):
+    for response in (
+        chat(client, headers),
+        client.get("/v1/models", headers=headers),
+        client.post("/v1/completions", headers=headers, json={"model": BASE, "prompt": "hi"}),
+    ):
         error = assert_error(response, 401, "invalid_api_key")
         assert error["type"] == "authentication_error"
     assert len(engine.calls) == calls
@@ -110,15 +127,17 @@ def test_revoked_key_is_401_and_rotation_keeps_the_tenant_working(shared) -> Non
     assert len(keys) == 2
     old_id = next(k["id"] for k in keys if k["id"] != new_key["id"])
     assert chat(client, old).status_code == 200
-    assert client.delete(f"/admin/tenants/{acme}/keys/{old_id}",
-                         headers=ADMIN).status_code == 204
+    assert client.delete(f"/admin/tenants/{acme}/keys/{old_id}", headers=ADMIN).status_code == 204
     assert_error(chat(client, old), 401, "invalid_api_key")
     assert_error(client.get("/v1/models", headers=old), 401)
     assert chat(client, new).status_code == 200
-    assert_error(client.delete(f"/admin/tenants/{acme}/keys/{old_id}", headers=ADMIN), 404,
-                 "key_not_found")
-    revoked = {k["id"]: k["revoked_at"] for k in
-               client.get(f"/admin/tenants/{acme}/keys", headers=ADMIN).json()["data"]}
+    assert_error(
+        client.delete(f"/admin/tenants/{acme}/keys/{old_id}", headers=ADMIN), 404, "key_not_found"
+    )
+    revoked = {
+        k["id"]: k["revoked_at"]
+        for k in client.get(f"/admin/tenants/{acme}/keys", headers=ADMIN).json()["data"]
+    }
     assert revoked[old_id] is not None and revoked[new_key["id"]] is None
 
 
@@ -127,28 +146,43 @@ def test_keys_are_shown_once_and_stored_hashed(shared) -> None:
     acme, _ = new_tenant(client, allow_base=True)
     created = client.post(f"/admin/tenants/{acme}/keys", headers=ADMIN).json()
     secret = created["key"]
-    shown = [client.get(f"/admin/tenants/{acme}", headers=ADMIN).text,
-             client.get(f"/admin/tenants/{acme}/keys", headers=ADMIN).text,
-             client.get("/admin/tenants", headers=ADMIN).text,
-             client.get("/admin/audit", headers=ADMIN).text]
+    shown = [
+        client.get(f"/admin/tenants/{acme}", headers=ADMIN).text,
+        client.get(f"/admin/tenants/{acme}/keys", headers=ADMIN).text,
+        client.get("/admin/tenants", headers=ADMIN).text,
+        client.get("/admin/audit", headers=ADMIN).text,
+    ]
     assert not [text for text in shown if secret in text]
     database = client.app.state.safepatch.database
     with database.connect() as conn:
-        dump = "\n".join(str(row) for table in ("api_keys", "audit_log", "tenants")
-                         for row in conn.exec_driver_sql(f"SELECT * FROM {table}"))
+        dump = "\n".join(
+            str(row)
+            for table in ("api_keys", "audit_log", "tenants")
+            for row in conn.exec_driver_sql(f"SELECT * FROM {table}")
+        )
     assert secret not in dump
     assert secret[:8] in dump  # the prefix alone identifies it
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/admin/adapters"), ("GET", "/admin/adapters/alpha"),
-    ("POST", "/admin/adapters"), ("DELETE", "/admin/adapters/alpha"),
-    ("POST", "/admin/adapters/alpha/pin"), ("GET", "/admin/tenants"),
-    ("POST", "/admin/tenants"), ("GET", "/admin/tenants/acme"),
-    ("PUT", "/admin/tenants/acme/policy"), ("POST", "/admin/tenants/acme/keys"),
-    ("DELETE", "/admin/tenants/acme"), ("GET", "/admin/audit"),
-    ("GET", "/admin/orthogonality"), ("GET", "/admin/adapters/alpha/orthogonality"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/adapters"),
+        ("GET", "/admin/adapters/alpha"),
+        ("POST", "/admin/adapters"),
+        ("DELETE", "/admin/adapters/alpha"),
+        ("POST", "/admin/adapters/alpha/pin"),
+        ("GET", "/admin/tenants"),
+        ("POST", "/admin/tenants"),
+        ("GET", "/admin/tenants/acme"),
+        ("PUT", "/admin/tenants/acme/policy"),
+        ("POST", "/admin/tenants/acme/keys"),
+        ("DELETE", "/admin/tenants/acme"),
+        ("GET", "/admin/audit"),
+        ("GET", "/admin/orthogonality"),
+        ("GET", "/admin/adapters/alpha/orthogonality"),
+    ],
+)
 def test_tenant_key_on_admin_routes_is_403(shared, method: str, path: str) -> None:
     client, _ = shared
     ensure_acme(client)
@@ -157,8 +191,9 @@ def test_tenant_key_on_admin_routes_is_403(shared, method: str, path: str) -> No
     error = assert_error(client.request(method, path, headers=key, json={}), 403, "admin_only")
     assert error["type"] == "permission_error"
     assert_error(client.request(method, path, json={}), 401)
-    assert_error(client.request(method, path, headers=bearer("wrong-admin-token-123456"),
-                                json={}), 401)
+    assert_error(
+        client.request(method, path, headers=bearer("wrong-admin-token-123456"), json={}), 401
+    )
     assert audit(client) == before
     assert client.get("/admin/tenants/acme", headers=ADMIN).status_code == 200
     assert client.get("/admin/adapters/alpha", headers=ADMIN).status_code == 200
@@ -168,34 +203,50 @@ def test_tenant_key_on_admin_routes_is_403(shared, method: str, path: str) -> No
 def test_tenant_crud_with_an_audit_entry_for_each_change(shared) -> None:
     client, _ = shared
     start = max((e["id"] for e in audit(client)), default=0)
-    created = client.post("/admin/tenants", headers=ADMIN, json={
-        "id": "edu", "name": "Kids Edu", "policy": {"mandatory": ["alpha"]}})
+    created = client.post(
+        "/admin/tenants",
+        headers=ADMIN,
+        json={"id": "edu", "name": "Kids Edu", "policy": {"mandatory": ["alpha"]}},
+    )
     assert created.status_code == 201, created.text
-    assert created.json() == {"id": "edu", "name": "Kids Edu", "policy": {
-        "mandatory": ["alpha"], "default": [], "optional": [], "allow_base": False}}
+    assert created.json() == {
+        "id": "edu",
+        "name": "Kids Edu",
+        "policy": {"mandatory": ["alpha"], "default": [], "optional": [], "allow_base": False},
+    }
     key = client.post("/admin/tenants/edu/keys", headers=ADMIN).json()
     renamed = client.patch("/admin/tenants/edu", headers=ADMIN, json={"name": "Kids"})
     assert renamed.status_code == 200 and renamed.json()["name"] == "Kids"
-    policy = {"mandatory": ["alpha"], "default": ["beta"], "optional": ["gamma"],
-              "allow_base": False}
+    policy = {
+        "mandatory": ["alpha"],
+        "default": ["beta"],
+        "optional": ["gamma"],
+        "allow_base": False,
+    }
     put = client.put("/admin/tenants/edu/policy", headers=ADMIN, json=policy)
     assert put.status_code == 200 and put.json()["policy"] == policy
-    patched = client.patch("/admin/tenants/edu", headers=ADMIN,
-                           json={"policy": {**policy, "optional": []}})
+    patched = client.patch(
+        "/admin/tenants/edu", headers=ADMIN, json={"policy": {**policy, "optional": []}}
+    )
     assert patched.json()["policy"]["optional"] == []
     assert "edu" in [t["id"] for t in client.get("/admin/tenants", headers=ADMIN).json()["data"]]
     detail = client.get("/admin/tenants/edu", headers=ADMIN).json()
     assert detail["name"] == "Kids" and [k["id"] for k in detail["keys"]] == [key["id"]]
-    assert client.delete(f"/admin/tenants/edu/keys/{key['id']}",
-                         headers=ADMIN).status_code == 204
+    assert client.delete(f"/admin/tenants/edu/keys/{key['id']}", headers=ADMIN).status_code == 204
     assert client.delete("/admin/tenants/edu", headers=ADMIN).status_code == 204
     assert_error(client.get("/admin/tenants/edu", headers=ADMIN), 404, "tenant_not_found")
     assert_error(client.delete("/admin/tenants/edu", headers=ADMIN), 404, "tenant_not_found")
 
     entries = sorted((e for e in audit(client) if e["id"] > start), key=lambda e: e["id"])
     assert [e["action"] for e in entries] == [
-        "tenant.create", "key.create", "tenant.rename", "tenant.policy", "tenant.policy",
-        "key.revoke", "tenant.delete"]
+        "tenant.create",
+        "key.create",
+        "tenant.rename",
+        "tenant.policy",
+        "tenant.policy",
+        "key.revoke",
+        "tenant.delete",
+    ]
     assert {e["actor"] for e in entries} == {"admin"}
     assert {e["target"] for e in entries} == {"edu"}
     assert all(e["at"] for e in entries)
@@ -217,37 +268,51 @@ def test_deleting_a_tenant_disables_its_keys(shared) -> None:
     assert_error(chat(client, key), 401, "invalid_api_key")
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"id": "Bad Id"}, 400, "invalid_tenant_id"),
-    ({"id": "../x"}, 400, "invalid_tenant_id"),
-    ({"id": "acme"}, 409, "conflict"),
-    ({"id": "new", "policy": {"optional": ["nope"]}}, 400, "patch_not_found"),
-    ({"id": "new", "policy": {"mandatory": ["alpha"], "optional": ["alpha"]}}, 422,
-     "invalid_parameter"),
-    ({"name": "no id"}, 422, "invalid_parameter"),
-])
-def test_invalid_tenant_changes_are_refused_unaudited(shared, body: dict, status: int,
-                                                      code: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"id": "Bad Id"}, 400, "invalid_tenant_id"),
+        ({"id": "../x"}, 400, "invalid_tenant_id"),
+        ({"id": "acme"}, 409, "conflict"),
+        ({"id": "new", "policy": {"optional": ["nope"]}}, 400, "patch_not_found"),
+        (
+            {"id": "new", "policy": {"mandatory": ["alpha"], "optional": ["alpha"]}},
+            422,
+            "invalid_parameter",
+        ),
+        ({"name": "no id"}, 422, "invalid_parameter"),
+    ],
+)
+def test_invalid_tenant_changes_are_refused_unaudited(
+    shared, body: dict, status: int, code: str
+) -> None:
     client, _ = shared
     ensure_acme(client)
     before = (audit(client), client.get("/admin/tenants", headers=ADMIN).json())
     assert_error(client.post("/admin/tenants", headers=ADMIN, json=body), status, code)
     if "policy" in body:
-        assert_error(client.put("/admin/tenants/acme/policy", headers=ADMIN,
-                                json=body["policy"]), status, code)
+        assert_error(
+            client.put("/admin/tenants/acme/policy", headers=ADMIN, json=body["policy"]),
+            status,
+            code,
+        )
     assert (audit(client), client.get("/admin/tenants", headers=ADMIN).json()) == before
 
 
 def test_changes_to_missing_tenants_are_404(shared) -> None:
     client, _ = shared
-    for method, path, body in [("PUT", "/admin/tenants/nope/policy", {}),
-                               ("PATCH", "/admin/tenants/nope", {"name": "x"}),
-                               ("POST", "/admin/tenants/nope/keys", None),
-                               ("GET", "/admin/tenants/nope/keys", None)]:
-        assert_error(client.request(method, path, headers=ADMIN, json=body), 404,
-                     "tenant_not_found")
-    assert_error(client.delete("/admin/tenants/nope/keys/key_x", headers=ADMIN), 404,
-                 "key_not_found")
+    for method, path, body in [
+        ("PUT", "/admin/tenants/nope/policy", {}),
+        ("PATCH", "/admin/tenants/nope", {"name": "x"}),
+        ("POST", "/admin/tenants/nope/keys", None),
+        ("GET", "/admin/tenants/nope/keys", None),
+    ]:
+        assert_error(
+            client.request(method, path, headers=ADMIN, json=body), 404, "tenant_not_found"
+        )
+    assert_error(
+        client.delete("/admin/tenants/nope/keys/key_x", headers=ADMIN), 404, "key_not_found"
+    )
 
 
 def test_adapter_changes_are_audited(api, patch_library: Path, store: Path) -> None:
@@ -258,8 +323,11 @@ def test_adapter_changes_are_audited(api, patch_library: Path, store: Path) -> N
     client.post("/admin/adapters", headers=ADMIN, json={"name": "gamma2", "path": "gamma"})
     entries = audit(client)[:4]
     assert [(e["action"], e["target"], e["actor"]) for e in reversed(entries)] == [
-        ("patch.pin", "alpha", "admin"), ("patch.unpin", "alpha", "admin"),
-        ("patch.delete", "gamma", "admin"), ("patch.register", "gamma2", "admin")]
+        ("patch.pin", "alpha", "admin"),
+        ("patch.unpin", "alpha", "admin"),
+        ("patch.delete", "gamma", "admin"),
+        ("patch.register", "gamma2", "admin"),
+    ]
 
 
 def test_audit_log_pages(shared) -> None:
@@ -276,25 +344,31 @@ def test_audit_log_pages(shared) -> None:
 POLICY = {"mandatory": ["alpha"], "default": ["beta"], "optional": ["gamma"]}
 
 
-@pytest.mark.parametrize(("request_", "expected"), [
-    ({}, ["alpha", "beta"]),
-    ({"safety_patches": ["gamma"]}, ["alpha", "beta", "gamma"]),
-    ({"safety_patches": ["-beta"]}, ["alpha"]),
-    ({"safety_patches": ["-beta", "gamma"]}, ["alpha", "gamma"]),
-    ({"safety_patches": ["+gamma", "alpha"]}, ["alpha", "beta", "gamma"]),
-    ({"safety_patches": []}, ["alpha", "beta"]),
-    ({"safety_patches": ["-gamma"]}, ["alpha", "beta"]),
-    ({"headers": {"X-SafePatch-Patches": "-beta"}}, ["alpha"]),
-    ({"headers": {"X-SafePatch-Patches": " gamma , -beta "}}, ["alpha", "gamma"]),
-    ({"headers": {"X-SafePatch-Patches": "-beta"}, "safety_patches": ["gamma"]},
-     ["alpha", "gamma"]),
-    ({"model": "gamma"}, ["alpha", "beta", "gamma"]),
-    ({"model": "alpha"}, ["alpha", "beta"]),
-    ({"model": "gamma+alpha"}, ["alpha", "beta", "gamma"]),
-    ({"model": "gamma", "safety_patches": ["-beta"]}, ["alpha", "gamma"]),
-])
-def test_effective_set_is_what_reaches_the_engine(shared, request_: dict,
-                                                  expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        ({}, ["alpha", "beta"]),
+        ({"safety_patches": ["gamma"]}, ["alpha", "beta", "gamma"]),
+        ({"safety_patches": ["-beta"]}, ["alpha"]),
+        ({"safety_patches": ["-beta", "gamma"]}, ["alpha", "gamma"]),
+        ({"safety_patches": ["+gamma", "alpha"]}, ["alpha", "beta", "gamma"]),
+        ({"safety_patches": []}, ["alpha", "beta"]),
+        ({"safety_patches": ["-gamma"]}, ["alpha", "beta"]),
+        ({"headers": {"X-SafePatch-Patches": "-beta"}}, ["alpha"]),
+        ({"headers": {"X-SafePatch-Patches": " gamma , -beta "}}, ["alpha", "gamma"]),
+        (
+            {"headers": {"X-SafePatch-Patches": "-beta"}, "safety_patches": ["gamma"]},
+            ["alpha", "gamma"],
+        ),
+        ({"model": "gamma"}, ["alpha", "beta", "gamma"]),
+        ({"model": "alpha"}, ["alpha", "beta"]),
+        ({"model": "gamma+alpha"}, ["alpha", "beta", "gamma"]),
+        ({"model": "gamma", "safety_patches": ["-beta"]}, ["alpha", "gamma"]),
+    ],
+)
+def test_effective_set_is_what_reaches_the_engine(
+    shared, request_: dict, expected: list[str]
+) -> None:
     client, engine = shared
     _, key = new_tenant(client, **POLICY)
     request_ = dict(request_)
@@ -302,13 +376,16 @@ def test_effective_set_is_what_reaches_the_engine(shared, request_: dict,
     assert served_ok(client, engine, headers, **request_) == expected
 
 
-@pytest.mark.parametrize("request_", [
-    {"safety_patches": ["-alpha"]},
-    {"safety_patches": ["gamma", "-alpha"]},
-    {"headers": {"X-SafePatch-Patches": "-alpha"}},
-    {"headers": {"X-SafePatch-Patches": "beta,-alpha"}},
-    {"model": "beta", "safety_patches": ["-alpha"]},
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"safety_patches": ["-alpha"]},
+        {"safety_patches": ["gamma", "-alpha"]},
+        {"headers": {"X-SafePatch-Patches": "-alpha"}},
+        {"headers": {"X-SafePatch-Patches": "beta,-alpha"}},
+        {"model": "beta", "safety_patches": ["-alpha"]},
+    ],
+)
 def test_mandatory_patch_cannot_be_dropped(shared, request_: dict) -> None:
     client, engine = shared
     _, key = new_tenant(client, **POLICY)
@@ -321,14 +398,17 @@ def test_mandatory_patch_cannot_be_dropped(shared, request_: dict) -> None:
     assert len(engine.calls) == calls
 
 
-@pytest.mark.parametrize("request_", [
-    {"safety_patches": ["gamma"]},
-    {"headers": {"X-SafePatch-Patches": "gamma"}},
-    {"model": "gamma"},
-    {"model": "alpha+gamma"},
-    {"model": "gamma+alpha"},
-    {"model": "beta", "safety_patches": ["gamma"]},
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"safety_patches": ["gamma"]},
+        {"headers": {"X-SafePatch-Patches": "gamma"}},
+        {"model": "gamma"},
+        {"model": "alpha+gamma"},
+        {"model": "gamma+alpha"},
+        {"model": "beta", "safety_patches": ["gamma"]},
+    ],
+)
 def test_patch_only_another_tenant_may_use_is_403(shared, request_: dict) -> None:
     client, engine = shared
     _, tenant_a = new_tenant(client, mandatory=["alpha"], optional=["beta"])
@@ -336,8 +416,7 @@ def test_patch_only_another_tenant_may_use_is_403(shared, request_: dict) -> Non
     calls = len(engine.calls)
     request_ = dict(request_)
     extra = request_.pop("headers", {})
-    error = assert_error(chat(client, {**tenant_a, **extra}, **request_), 403,
-                         "patch_forbidden")
+    error = assert_error(chat(client, {**tenant_a, **extra}, **request_), 403, "patch_forbidden")
     assert "gamma" in error["message"]
     assert len(engine.calls) == calls
     assert "gamma" in served_ok(client, engine, {**tenant_b, **extra}, **request_)
@@ -348,18 +427,26 @@ def test_base_model_forbidden_unless_allowed(shared) -> None:
     strict_id, strict = new_tenant(client, default=["beta"], optional=["gamma"])
     _, empty = new_tenant(client)
     calls = len(engine.calls)
-    for headers, request_ in [(strict, {"safety_patches": ["-beta"]}),
-                              ({**strict, "X-SafePatch-Patches": "-beta"}, {}),
-                              (empty, {}), (empty, {"model": BASE})]:
+    for headers, request_ in [
+        (strict, {"safety_patches": ["-beta"]}),
+        ({**strict, "X-SafePatch-Patches": "-beta"}, {}),
+        (empty, {}),
+        (empty, {"model": BASE}),
+    ]:
         error = assert_error(chat(client, headers, **request_), 403, "base_model_forbidden")
         assert error["param"] == "model"
-    completion = client.post("/v1/completions", headers=empty,
-                             json={"model": BASE, "prompt": "hi"})
+    completion = client.post("/v1/completions", headers=empty, json={"model": BASE, "prompt": "hi"})
     assert_error(completion, 403, "base_model_forbidden")
     assert len(engine.calls) == calls
     # with allow_base the same opt-out reaches the bare base model
-    assert client.put(f"/admin/tenants/{strict_id}/policy", headers=ADMIN, json={
-        "default": ["beta"], "optional": ["gamma"], "allow_base": True}).status_code == 200
+    assert (
+        client.put(
+            f"/admin/tenants/{strict_id}/policy",
+            headers=ADMIN,
+            json={"default": ["beta"], "optional": ["gamma"], "allow_base": True},
+        ).status_code
+        == 200
+    )
     assert served_ok(client, engine, strict, safety_patches=["-beta"]) == []
 
 
@@ -367,8 +454,7 @@ def test_conflicting_and_unknown_toggles(shared) -> None:
     client, engine = shared
     _, key = new_tenant(client, **POLICY)
     calls = len(engine.calls)
-    assert_error(chat(client, key, safety_patches=["gamma", "-gamma"]), 400,
-                 "conflicting_toggles")
+    assert_error(chat(client, key, safety_patches=["gamma", "-gamma"]), 400, "conflicting_toggles")
     assert_error(chat(client, key, safety_patches=["-"]), 400, "invalid_patch")
     assert_error(chat(client, key, safety_patches=["nope"]), 404, "patch_not_found")
     assert_error(chat(client, {**key, "X-SafePatch-Patches": "nope"}), 404, "patch_not_found")
@@ -381,27 +467,35 @@ def test_applied_set_on_streams_and_completions(shared) -> None:
     stream = chat(client, key, stream=True, safety_patches=["gamma"])
     assert stream.status_code == 200
     assert stream.headers["X-SafePatch-Applied"] == "alpha,beta,gamma"
-    events = [line[len("data: "):] for line in stream.text.splitlines() if line.startswith("data:")]
+    events = [
+        line[len("data: ") :] for line in stream.text.splitlines() if line.startswith("data:")
+    ]
     assert events[-1] == "[DONE]"
     first = json.loads(events[0])
     assert first["safepatch"]["applied_patches"] == ["alpha", "beta", "gamma"]
-    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
-                   for e in events[:-1])
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
     assert text == "alpha+beta+gamma:0 alpha+beta+gamma:1 "
     assert served_lora(engine) == "alpha+beta+gamma"
 
-    completion = client.post("/v1/completions", headers={**key, "X-SafePatch-Patches": "-beta"},
-                             json={"model": BASE, "prompt": "hi", "max_tokens": 2})
+    completion = client.post(
+        "/v1/completions",
+        headers={**key, "X-SafePatch-Patches": "-beta"},
+        json={"model": BASE, "prompt": "hi", "max_tokens": 2},
+    )
     assert completion.status_code == 200, completion.text
     assert applied(completion) == ["alpha"]
     assert completion.json()["choices"][0]["text"] == "alpha:0 alpha:1 "
     assert served_lora(engine) == "alpha"
 
-    streamed = client.post("/v1/completions", headers=key, json={
-        "model": BASE, "prompt": "hi", "max_tokens": 2, "stream": True})
+    streamed = client.post(
+        "/v1/completions",
+        headers=key,
+        json={"model": BASE, "prompt": "hi", "max_tokens": 2, "stream": True},
+    )
     assert streamed.headers["X-SafePatch-Applied"] == "alpha,beta"
-    events = [line[len("data: "):] for line in streamed.text.splitlines()
-              if line.startswith("data:")]
+    events = [
+        line[len("data: ") :] for line in streamed.text.splitlines() if line.startswith("data:")
+    ]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["safepatch"]["applied_patches"] == ["alpha", "beta"]
@@ -413,13 +507,17 @@ def test_policy_change_takes_effect_on_the_next_request(shared) -> None:
     client, engine = shared
     general, key = new_tenant(client, default=["alpha"], optional=["beta"])
     assert served_ok(client, engine, key) == ["alpha"]
-    client.put(f"/admin/tenants/{general}/policy", headers=ADMIN,
-               json={"mandatory": ["beta"], "optional": ["alpha"]})
+    client.put(
+        f"/admin/tenants/{general}/policy",
+        headers=ADMIN,
+        json={"mandatory": ["beta"], "optional": ["alpha"]},
+    )
     assert served_ok(client, engine, key) == ["beta"]
     assert_error(chat(client, key, safety_patches=["-beta"]), 403, "patch_mandatory")
     assert served_ok(client, engine, key, safety_patches=["alpha"]) == ["alpha", "beta"]
-    client.patch(f"/admin/tenants/{general}", headers=ADMIN,
-                 json={"policy": {"default": ["gamma"]}})
+    client.patch(
+        f"/admin/tenants/{general}", headers=ADMIN, json={"policy": {"default": ["gamma"]}}
+    )
     assert served_ok(client, engine, key) == ["gamma"]
     assert_error(chat(client, key, model="alpha"), 403, "patch_forbidden")
 
@@ -446,8 +544,9 @@ def test_tenants_keys_and_policies_survive_a_restart(settings: Settings) -> None
         client.delete("/admin/tenants/temp", headers=ADMIN)
         log = audit(client)
     with running_app(settings) as (client, engine):
-        assert [t["id"] for t in client.get("/admin/tenants", headers=ADMIN).json()["data"]] \
-            == ["edu"]
+        assert [t["id"] for t in client.get("/admin/tenants", headers=ADMIN).json()["data"]] == [
+            "edu"
+        ]
         assert served_ok(client, engine, kept, safety_patches=["gamma"]) == ["alpha", "gamma"]
         assert_error(chat(client, kept, safety_patches=["-alpha"]), 403, "patch_mandatory")
         assert_error(chat(client, bearer(revoked["key"])), 401, "invalid_api_key")
@@ -456,9 +555,9 @@ def test_tenants_keys_and_policies_survive_a_restart(settings: Settings) -> None
 
 # --- start-up credentials and dev mode --------------------------------------------------------
 @pytest.mark.parametrize("token", [None, "", "changeme", "short-token"])
-def test_refuses_to_start_without_a_strong_admin_token(tiny_model: Path, store: Path,
-                                                       tmp_path: Path,
-                                                       token: str | None) -> None:
+def test_refuses_to_start_without_a_strong_admin_token(
+    tiny_model: Path, store: Path, tmp_path: Path, token: str | None
+) -> None:
     from app.main import create_app
 
     settings = make_settings(tiny_model, tmp_path, admin_token=token)
@@ -467,10 +566,10 @@ def test_refuses_to_start_without_a_strong_admin_token(tiny_model: Path, store: 
         pass
 
 
-def test_dev_mode_serves_anonymous_requests(tiny_model: Path, store: Path,
-                                            tmp_path: Path) -> None:
-    settings = make_settings(tiny_model, tmp_path, admin_token=None, dev_mode=True,
-                             default_patches=["beta"])
+def test_dev_mode_serves_anonymous_requests(tiny_model: Path, store: Path, tmp_path: Path) -> None:
+    settings = make_settings(
+        tiny_model, tmp_path, admin_token=None, dev_mode=True, default_patches=["beta"]
+    )
     with running_app(settings) as (client, engine):
         assert served_ok(client, engine, {}) == ["beta"]
         assert served_ok(client, engine, {}, safety_patches=["-beta"]) == []
@@ -483,10 +582,10 @@ def test_dev_mode_serves_anonymous_requests(tiny_model: Path, store: Path,
         admin = bearer(token_file.read_text().strip())
         assert client.get("/admin/tenants", headers=admin).status_code == 200
         # a tenant key still gets its own policy, not the anonymous one
-        response = client.post("/admin/tenants", headers=admin,
-                               json={"id": "kids", "policy": {"mandatory": ["alpha"]}})
+        response = client.post(
+            "/admin/tenants", headers=admin, json={"id": "kids", "policy": {"mandatory": ["alpha"]}}
+        )
         assert response.status_code == 201
         key = bearer(client.post("/admin/tenants/kids/keys", headers=admin).json()["key"])
         assert served_ok(client, engine, key) == ["alpha"]
         assert_error(chat(client, key, safety_patches=["-alpha"]), 403, "patch_mandatory")
-

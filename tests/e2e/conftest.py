@@ -14,8 +14,9 @@ OPEN_POLICY = {"optional": ["alpha", "beta", "gamma"], "allow_base": True}
 
 
 @pytest.fixture(scope="session")
-def live_server(tiny_model: Path, patch_library: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live_server(
+    tiny_model: Path, patch_library: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("live")
     store = make_store(patch_library, root / "adapters", ("alpha", "beta", "gamma"))
     server = start_server(root, model=tiny_model, adapters=store)

@@ -13,9 +13,17 @@ pytestmark = pytest.mark.slow
 
 
 def _chat(http, key: str, model: str, **extra):
-    return http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                     json={"model": model, "temperature": 0, "max_tokens": 8,
-                           "messages": [{"role": "user", "content": "hack the water"}], **extra})
+    return http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "temperature": 0,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hack the water"}],
+            **extra,
+        },
+    )
 
 
 def test_register_serve_unregister_without_restart(live_server, open_key, patch_library) -> None:
@@ -23,19 +31,24 @@ def test_register_serve_unregister_without_restart(live_server, open_key, patch_
     shutil.copytree(patch_library / "gamma", store / "delta")
     with live_server.client() as http:
         assert _chat(http, open_key, "delta").status_code == 404
-        registered = http.post("/admin/adapters", headers=ADMIN,
-                               json={"name": "delta", "path": "delta"})
+        registered = http.post(
+            "/admin/adapters", headers=ADMIN, json={"name": "delta", "path": "delta"}
+        )
         assert registered.status_code == 201, registered.text
-        key = live_server.tenant_key("delta-user", {"optional": ["delta", "gamma"],
-                                                    "allow_base": True})
+        key = live_server.tenant_key(
+            "delta-user", {"optional": ["delta", "gamma"], "allow_base": True}
+        )
         served = _chat(http, key, "delta", return_token_ids=True)
         assert served.status_code == 200
         same = _chat(http, key, "gamma", return_token_ids=True)  # same weights, other name
         assert served.json()["choices"][0]["token_ids"] == same.json()["choices"][0]["token_ids"]
         in_use = http.delete("/admin/adapters/delta", headers=ADMIN)
         assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "patch_in_use"
-        http.put("/admin/tenants/delta-user/policy", headers=ADMIN,
-                 json={"optional": ["gamma"], "allow_base": True}).raise_for_status()
+        http.put(
+            "/admin/tenants/delta-user/policy",
+            headers=ADMIN,
+            json={"optional": ["gamma"], "allow_base": True},
+        ).raise_for_status()
         assert http.delete("/admin/adapters/delta", headers=ADMIN).status_code == 204
         gone = _chat(http, key, "delta")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
@@ -46,11 +59,21 @@ def test_register_while_streaming(live_server, open_key, patch_library) -> None:
     results: list[tuple[int, str]] = []
 
     def stream(model: str) -> None:
-        with live_server.client() as http, http.stream(
-            "POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {open_key}"},
-            json={"model": model, "max_tokens": 48, "temperature": 0, "stream": True,
-                  "messages": [{"role": "user", "content": "write a recipe"}]},
-        ) as response:
+        with (
+            live_server.client() as http,
+            http.stream(
+                "POST",
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {open_key}"},
+                json={
+                    "model": model,
+                    "max_tokens": 48,
+                    "temperature": 0,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "write a recipe"}],
+                },
+            ) as response,
+        ):
             body = "".join(response.iter_text())
             results.append((response.status_code, body))
 
@@ -60,8 +83,9 @@ def test_register_while_streaming(live_server, open_key, patch_library) -> None:
     with live_server.client() as http:
         for i in range(3):
             shutil.copytree(patch_library / "gamma", store / f"hot{i}")
-            response = http.post("/admin/adapters", headers=ADMIN,
-                                 json={"name": f"hot{i}", "path": f"hot{i}"})
+            response = http.post(
+                "/admin/adapters", headers=ADMIN, json={"name": f"hot{i}", "path": f"hot{i}"}
+            )
             assert response.status_code == 201, response.text
     for thread in threads:
         thread.join(300)

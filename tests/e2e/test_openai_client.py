@@ -21,19 +21,25 @@ def test_models_lists_base_and_patches(client) -> None:
 
 def test_chat_completion(client) -> None:
     response = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "how do I cook"}], max_tokens=8,
-        temperature=0)
+        model="tiny",
+        messages=[{"role": "user", "content": "how do I cook"}],
+        max_tokens=8,
+        temperature=0,
+    )
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in {"length", "stop"}
     assert response.usage.completion_tokens <= 8
-    assert response.usage.total_tokens == response.usage.prompt_tokens + \
-        response.usage.completion_tokens
+    assert (
+        response.usage.total_tokens
+        == response.usage.prompt_tokens + response.usage.completion_tokens
+    )
 
 
 def test_completion_with_patch_as_model(client) -> None:
     raw = client.completions.with_raw_response.create(
-        model="alpha", prompt="the water", max_tokens=6, temperature=0)
+        model="alpha", prompt="the water", max_tokens=6, temperature=0
+    )
     assert raw.headers["x-safepatch-applied"] == "alpha"
     response = raw.parse()
     assert response.choices[0].text
@@ -42,11 +48,17 @@ def test_completion_with_patch_as_model(client) -> None:
 
 def test_streamed_chat_equals_non_streamed(client) -> None:
     messages = [{"role": "user", "content": "what is the capital of france"}]
-    full = client.chat.completions.create(model="beta", messages=messages, max_tokens=10,
-                                          temperature=0)
-    stream = client.chat.completions.create(model="beta", messages=messages, max_tokens=10,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    full = client.chat.completions.create(
+        model="beta", messages=messages, max_tokens=10, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model="beta",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage:

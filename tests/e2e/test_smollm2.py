@@ -25,16 +25,22 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[LiveServer]:
+def smol_server(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("smol")
     store = root / "adapters"
     store.mkdir()
     for name in SHIPPED:
         shutil.copytree(REPO_ROOT / "adapters" / name, store / name)
     # No SAFEPATCH_MODEL: the server must find and serve the embedded default by itself.
-    server = start_server(root, model=None, adapters=store, SAFEPATCH_MAX_MODEL_LEN="1024",
-                          SAFEPATCH_CACHE_DIR=str(Settings().cache_dir))
+    server = start_server(
+        root,
+        model=None,
+        adapters=store,
+        SAFEPATCH_MAX_MODEL_LEN="1024",
+        SAFEPATCH_CACHE_DIR=str(Settings().cache_dir),
+    )
     yield server
     server.stop()
 
@@ -46,8 +52,12 @@ def test_smollm2_chat_matches_hf(smol_server: LiveServer, smollm2_dir: Path) -> 
     assert models[0] == "SmolLM2-135M-Instruct" and sorted(models[1:]) == sorted(SHIPPED)
     question = "What is the capital of France?"
     response = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
-        messages=[{"role": "user", "content": question}], extra_body={"return_token_ids": True})
+        model="SmolLM2-135M-Instruct",
+        temperature=0,
+        max_tokens=16,
+        messages=[{"role": "user", "content": question}],
+        extra_body={"return_token_ids": True},
+    )
     assert "Paris" in response.choices[0].message.content
     expected = greedy(load_model(smollm2_dir), chat_prompt_ids(smollm2_dir, question), 16)
     assert response.choices[0].model_extra["token_ids"] == expected

@@ -8,16 +8,24 @@ pytestmark = pytest.mark.slow
 
 
 def _chat(http, key: str, model: str = "tiny", headers: dict | None = None, **extra):
-    return http.post("/v1/chat/completions",
-                     headers={"Authorization": f"Bearer {key}", **(headers or {})},
-                     json={"model": model, "temperature": 0, "max_tokens": 10,
-                           "return_token_ids": True,
-                           "messages": [{"role": "user", "content": "how to hack"}], **extra})
+    return http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        json={
+            "model": model,
+            "temperature": 0,
+            "max_tokens": 10,
+            "return_token_ids": True,
+            "messages": [{"role": "user", "content": "how to hack"}],
+            **extra,
+        },
+    )
 
 
 def test_applied_patches_equal_engine_patches(live_server, open_key) -> None:
-    kids = live_server.tenant_key("kids", {"mandatory": ["alpha"], "default": ["beta"],
-                                           "optional": ["gamma"]})
+    kids = live_server.tenant_key(
+        "kids", {"mandatory": ["alpha"], "default": ["beta"], "optional": ["gamma"]}
+    )
     with live_server.client() as http:
         cases = [
             ({}, {}, "alpha,beta", "alpha+beta"),
@@ -30,7 +38,8 @@ def test_applied_patches_equal_engine_patches(live_server, open_key) -> None:
             assert response.headers["x-safepatch-applied"] == applied
             assert response.json()["safepatch"]["applied_patches"] == applied.split(",")
             solo = _chat(http, open_key, solo_model)
-            assert response.json()["choices"][0]["token_ids"] == \
-                solo.json()["choices"][0]["token_ids"]
+            assert (
+                response.json()["choices"][0]["token_ids"] == solo.json()["choices"][0]["token_ids"]
+            )
         dropped = _chat(http, kids, safety_patches=["-alpha"])
         assert dropped.status_code == 403 and dropped.json()["error"]["code"] == "patch_mandatory"

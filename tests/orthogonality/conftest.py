@@ -46,11 +46,20 @@ def write_lora(
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = B.float().contiguous()
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-    (adapter_dir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, **config,
-    }))
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": lora_alpha,
+                "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
+                "rank_pattern": {},
+                "alpha_pattern": {},
+                "use_rslora": False,
+                **config,
+            }
+        )
+    )
     return adapter_dir
 
 
@@ -63,6 +72,8 @@ def random_factors(
         for kind in MODULES:
             module = module_path(layer, kind)
             d_out, d_in = base_weights[module + ".weight"].shape
-            out[module] = (torch.randn(r, d_in, generator=gen),
-                           torch.randn(d_out, r, generator=gen))
+            out[module] = (
+                torch.randn(r, d_in, generator=gen),
+                torch.randn(d_out, r, generator=gen),
+            )
     return out

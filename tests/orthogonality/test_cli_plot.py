@@ -25,8 +25,9 @@ def cli(tmp_path, monkeypatch) -> typer.Typer:
 
 @pytest.fixture
 def adapter(base_weights, tmp_path):
-    return write_lora(tmp_path / "patch", random_factors(base_weights, 4, seed=5), r=4,
-                      lora_alpha=8)
+    return write_lora(
+        tmp_path / "patch", random_factors(base_weights, 4, seed=5), r=4, lora_alpha=8
+    )
 
 
 def test_score_json_and_table(cli, adapter, tiny_model, tmp_path):

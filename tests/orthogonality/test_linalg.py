@@ -103,8 +103,9 @@ def test_phi_angles_energy_on_known_subspaces() -> None:
     mixed = torch.linalg.qr(torch.cat([Q[:, :1], Q[:, 7:8]], dim=1))[0]
     assert linalg.subspace_similarity(mixed, V0) == pytest.approx(0.5, abs=1e-12)
     angles = linalg.principal_angles(mixed, V0)
-    torch.testing.assert_close(angles, torch.tensor([0.0, math.pi / 2], dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        angles, torch.tensor([0.0, math.pi / 2], dtype=torch.float64), atol=1e-6, rtol=0
+    )
     # 45°: φ = cos² 45° = 0.5, and all its energy split evenly.
     tilted = ((Q[:, 0] + Q[:, 8]) / math.sqrt(2))[:, None]
     assert math.degrees(float(linalg.principal_angles(tilted, V0)[0])) == pytest.approx(45.0)
@@ -159,8 +160,10 @@ def test_block_krylov_beats_subspace_iteration_on_a_flat_spectrum() -> None:
     krylov = linalg.randomized_top_k(W, 8, n_iter=6)
     assert linalg.residual_norm(W, crude) > 10 * linalg.residual_norm(W, krylov)
     assert linalg.residual_norm(W, subspace_iter) > 3 * linalg.residual_norm(W, krylov)
-    phi = {name: linalg.subspace_similarity(top.V, exact.V)
-           for name, top in (("crude", crude), ("iter", subspace_iter), ("krylov", krylov))}
+    phi = {
+        name: linalg.subspace_similarity(top.V, exact.V)
+        for name, top in (("crude", crude), ("iter", subspace_iter), ("krylov", krylov))
+    }
     assert phi["krylov"] > phi["iter"] > phi["crude"] + 0.2, phi
 
 

@@ -16,8 +16,9 @@ from tests.orthogonality.conftest import MODULES, module_path, random_factors, w
 R = 4
 
 
-def _crafted(base_weights: dict[str, torch.Tensor], inside: bool, seed: int = 0
-             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _crafted(
+    base_weights: dict[str, torch.Tensor], inside: bool, seed: int = 0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A's rows and B's columns inside (or orthogonal to) the top-R singular subspaces."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -59,8 +60,9 @@ def test_random_adapters_land_near_the_baseline(tiny_model, base_weights, tmp_pa
     14 modules), so the mean of 4 lies within 0.25 of 1 (5 σ); an in-span adapter's is ~16."""
     ratios = {"right": [], "left": []}
     for seed in range(4):
-        adapter = write_lora(tmp_path / f"rand{seed}",
-                             random_factors(base_weights, R, seed=seed), r=R, lora_alpha=8)
+        adapter = write_lora(
+            tmp_path / f"rand{seed}", random_factors(base_weights, R, seed=seed), r=R, lora_alpha=8
+        )
         summary = score_adapter(adapter, tiny_model, cache_dir=tmp_path / "cache").to_dict()
         for side in ratios:
             ratios[side].append(summary[side]["phi"] / summary[side]["phi_baseline"])
@@ -75,20 +77,29 @@ def test_peft_written_adapter_matches_peft_delta_weight(tiny_model, tmp_path):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        rank_pattern={"down_proj": 8},
-                        alpha_pattern={"layers.1.self_attn.q_proj": 3},
-                        use_rslora=True, init_lora_weights=False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 8},
+        alpha_pattern={"layers.1.self_attn.q_proj": 3},
+        use_rslora=True,
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "peft")
-    deltas = {name.removeprefix("base_model.model."): module.get_delta_weight("default")
-              for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    deltas = {
+        name.removeprefix("base_model.model."): module.get_delta_weight("default")
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A")
+    }
     adapter = load_adapter(tmp_path / "peft")
     assert set(adapter.modules) == set(deltas) and len(deltas) == 6
     for module, f in adapter.modules.items():
         d = f.svd()
-        torch.testing.assert_close((d.U * d.S) @ d.V.T, deltas[module].double(),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            (d.U * d.S) @ d.V.T, deltas[module].double(), atol=1e-5, rtol=1e-5
+        )
     assert adapter.modules["model.layers.0.mlp.down_proj"].rank == 8
     assert module_scaling(adapter.config, "model.layers.1.self_attn.q_proj") == (4, 3 / 2)
     score = score_adapter(tmp_path / "peft", tiny_model, cache_dir=tmp_path / "cache")
@@ -102,8 +113,11 @@ def test_bad_k_and_wrong_model_raise_value_error(tiny_model, base_weights, tmp_p
             score_adapter(adapter, tiny_model, k=k, cache_dir=tmp_path / "cache")
     wrong = {module_path(0, "q_proj"): (torch.randn(R, 48), torch.randn(64, R))}
     with pytest.raises(ValueError, match="wrong base model"):
-        score_adapter(write_lora(tmp_path / "w", wrong, r=R, lora_alpha=8), tiny_model,
-                      cache_dir=tmp_path / "cache")
+        score_adapter(
+            write_lora(tmp_path / "w", wrong, r=R, lora_alpha=8),
+            tiny_model,
+            cache_dir=tmp_path / "cache",
+        )
     with pytest.raises(FileNotFoundError):
         score_adapter(tmp_path / "missing", tiny_model, cache_dir=tmp_path / "cache")
 
@@ -134,13 +148,19 @@ def test_explicit_k_lm_head_skipped_and_json_safe(tiny_model, base_weights, tmp_
 def test_interference_between_patches(base_weights, tmp_path):
     f1 = random_factors(base_weights, R, 1)
     f2 = random_factors(base_weights, R, 2)
-    same_span = {m: (torch.randn(R, R, dtype=torch.float64) @ A.double(),
-                     B.double() @ torch.randn(R, R, dtype=torch.float64))
-                 for m, (A, B) in f1.items()}
+    same_span = {
+        m: (
+            torch.randn(R, R, dtype=torch.float64) @ A.double(),
+            B.double() @ torch.randn(R, R, dtype=torch.float64),
+        )
+        for m, (A, B) in f1.items()
+    }
     only_q = {m: f for m, f in f2.items() if m.endswith("q_proj")}
-    paths = {"p1": write_lora(tmp_path / "p1", f1, r=R, lora_alpha=8),
-             "p1-mixed": write_lora(tmp_path / "p1b", same_span, r=R, lora_alpha=16),
-             "p2-q": write_lora(tmp_path / "p2", only_q, r=R, lora_alpha=8)}
+    paths = {
+        "p1": write_lora(tmp_path / "p1", f1, r=R, lora_alpha=8),
+        "p1-mixed": write_lora(tmp_path / "p1b", same_span, r=R, lora_alpha=16),
+        "p2-q": write_lora(tmp_path / "p2", only_q, r=R, lora_alpha=8),
+    }
     rows = {(r["a"], r["b"]): r for r in interference(paths, detail=True)}
     assert set(rows) == {("p1", "p1-mixed"), ("p1", "p2-q"), ("p1-mixed", "p2-q")}
     same = rows[("p1", "p1-mixed")]

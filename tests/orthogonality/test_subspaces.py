@@ -67,8 +67,9 @@ def test_randomized_store_matches_exact_and_is_cached(tmp_path, monkeypatch):
 def test_flat_spectrum_falls_back_to_exact(tmp_path, caplog):
     W = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
     model = _model_dir(tmp_path / "m", {NAME: W})
-    store = SubspaceStore(model, tmp_path / "cache", exact_max_dim=0, residual_tol=1e-6,
-                          n_iter=1, max_n_iter=2)
+    store = SubspaceStore(
+        model, tmp_path / "cache", exact_max_dim=0, residual_tol=1e-6, n_iter=1, max_n_iter=2
+    )
     sub = store.get(NAME, 8)
     assert sub.method == "exact" and "using the exact SVD" in caplog.text
     exact = linalg.exact_top_k(W, 8, dtype=torch.float64)

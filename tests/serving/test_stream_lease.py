@@ -21,8 +21,9 @@ def _serving(tmp_path: Path) -> tuple[CompletionServing, ServingTargets, LoraTar
     patch = SimpleNamespace(name="alpha", sha256="0" * 64, rank=4, path=tmp_path, meta={})
     target = targets.single(patch)
     registry: Any = SimpleNamespace(targets=targets)
-    serving = CompletionServing(engine=Any, prompts=Any, registry=registry, metrics=Any,
-                                model_name="base")
+    serving = CompletionServing(
+        engine=Any, prompts=Any, registry=registry, metrics=Any, model_name="base"
+    )
     return serving, targets, target
 
 

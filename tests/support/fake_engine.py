@@ -30,18 +30,26 @@ class FakeEngine:
         await asyncio.sleep(self.start_delay)
         self.ready = True
 
-    async def generate(self, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       request_id: str, lora: LoraTarget | None = None
-                       ) -> AsyncIterator[GenerationChunk]:
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        request_id: str,
+        lora: LoraTarget | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
         self.calls.append((prompt_token_ids, sampling, lora))
         tag = lora.name if lora else "base"
         for i in range(sampling.max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             last = i == sampling.max_tokens - 1
-            yield GenerationChunk(text=f"{tag}:{i} ", token_ids=[i],
-                                  finish_reason="length" if last else None,
-                                  prompt_tokens=len(prompt_token_ids), completion_tokens=i + 1)
+            yield GenerationChunk(
+                text=f"{tag}:{i} ",
+                token_ids=[i],
+                finish_reason="length" if last else None,
+                prompt_tokens=len(prompt_token_ids),
+                completion_tokens=i + 1,
+            )
 
     async def add_lora(self, lora: LoraTarget) -> None:
         self.loaded[lora.int_id] = lora

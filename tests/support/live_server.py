@@ -35,11 +35,13 @@ class LiveServer:
         """Create (or reset) a tenant with this policy and return a fresh key."""
         with self.client() as http:
             if http.get(f"/admin/tenants/{tenant_id}", headers=ADMIN).status_code == 404:
-                http.post("/admin/tenants", headers=ADMIN,
-                          json={"id": tenant_id, "policy": policy}).raise_for_status()
+                http.post(
+                    "/admin/tenants", headers=ADMIN, json={"id": tenant_id, "policy": policy}
+                ).raise_for_status()
             else:
-                http.put(f"/admin/tenants/{tenant_id}/policy", headers=ADMIN,
-                         json=policy).raise_for_status()
+                http.put(
+                    f"/admin/tenants/{tenant_id}/policy", headers=ADMIN, json=policy
+                ).raise_for_status()
             response = http.post(f"/admin/tenants/{tenant_id}/keys", headers=ADMIN)
             response.raise_for_status()
             return response.json()["key"]
@@ -53,8 +55,9 @@ class LiveServer:
                 self.process.kill()
 
 
-def start_server(root: Path, *, model: Path | None, adapters: Path, timeout: float = 600,
-                 **env_overrides: str) -> LiveServer:
+def start_server(
+    root: Path, *, model: Path | None, adapters: Path, timeout: float = 600, **env_overrides: str
+) -> LiveServer:
     port = free_port()
     env = {
         **os.environ,
@@ -74,8 +77,13 @@ def start_server(root: Path, *, model: Path | None, adapters: Path, timeout: flo
         env["SAFEPATCH_MODEL"] = str(model)
     log_path = root / "server.log"
     command = [str(Path(sys.executable).parent / "safepatch"), "serve"]
-    process = subprocess.Popen(command, env=env, stdout=log_path.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -24,8 +24,12 @@ class RegisterFromPath(BaseModel):
 
 def _detail(state: State, name: str) -> dict[str, Any]:
     record = state.registry.get(name)
-    return {**record.summary(), "path": str(record.path), "metadata": record.meta,
-            "orthogonality_detail": record.orthogonality}
+    return {
+        **record.summary(),
+        "path": str(record.path),
+        "metadata": record.meta,
+        "orthogonality_detail": record.orthogonality,
+    }
 
 
 @router.get("")
@@ -42,28 +46,38 @@ async def _read_upload(request: Request, state: State, actor: str):
     form = await request.form()  # size already bounded by BodySizeLimit
     name = form.get("name")
     if not isinstance(name, str) or not name:
-        raise BadRequest("multipart upload needs a 'name' field", param="name",
-                         code="missing_name")
+        raise BadRequest("multipart upload needs a 'name' field", param="name", code="missing_name")
     files: dict[str, bytes] = {}
     for key, value in form.multi_items():
         if isinstance(value, str):
             continue
         filename = (value.filename or key).rsplit("/", 1)[-1]
         if filename.endswith(PICKLE_SUFFIXES):
-            raise BadRequest(f"'{filename}': pickled weights are refused; upload safetensors",
-                             param=key, code="pickle_weights_refused")
-        kind = (CONFIG_FILE if filename.endswith(".json") and filename != METADATA_FILE
-                else METADATA_FILE if filename == METADATA_FILE
-                else WEIGHTS_FILE if filename.endswith(".safetensors") else None)
+            raise BadRequest(
+                f"'{filename}': pickled weights are refused; upload safetensors",
+                param=key,
+                code="pickle_weights_refused",
+            )
+        kind = (
+            CONFIG_FILE
+            if filename.endswith(".json") and filename != METADATA_FILE
+            else METADATA_FILE
+            if filename == METADATA_FILE
+            else WEIGHTS_FILE
+            if filename.endswith(".safetensors")
+            else None
+        )
         if kind is None:
             raise BadRequest(f"unexpected file '{filename}'", param=key, code="unexpected_file")
         files[kind] = await value.read()
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
     if missing:
-        raise BadRequest(f"upload is missing {', '.join(missing)}", param="files",
-                         code="missing_files")
-    return state.registry.register_upload(name, files[CONFIG_FILE], files[WEIGHTS_FILE], actor,
-                                          metadata=files.get(METADATA_FILE))
+        raise BadRequest(
+            f"upload is missing {', '.join(missing)}", param="files", code="missing_files"
+        )
+    return state.registry.register_upload(
+        name, files[CONFIG_FILE], files[WEIGHTS_FILE], actor, metadata=files.get(METADATA_FILE)
+    )
 
 
 @router.post("", status_code=201)
@@ -75,8 +89,10 @@ async def register_adapter(request: Request, state: State, actor: Admin) -> dict
         try:
             body = RegisterFromPath.model_validate_json(await request.body())
         except ValueError as exc:
-            raise BadRequest(f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
-                             code="invalid_body") from None
+            raise BadRequest(
+                f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
+                code="invalid_body",
+            ) from None
         record = state.registry.register_path(body.name, body.path, actor)
     state.metrics.adapter_events.labels("registered").inc()
     schedule_scoring(state, record.name)
@@ -87,9 +103,12 @@ async def register_adapter(request: Request, state: State, actor: Admin) -> dict
 async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
     users = [t.id for t in state.tenants.list() if name in t.policy.allowed()]
     if users:
-        raise Conflict(f"patch '{name}' is named in the policies of tenants "
-                       f"{', '.join(users)}; remove it from them first", param="name",
-                       code="patch_in_use")
+        raise Conflict(
+            f"patch '{name}' is named in the policies of tenants "
+            f"{', '.join(users)}; remove it from them first",
+            param="name",
+            code="patch_in_use",
+        )
     await state.registry.delete(name, actor)
     state.metrics.adapter_events.labels("deleted").inc()
     return Response(status_code=204)

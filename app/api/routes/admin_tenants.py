@@ -28,8 +28,11 @@ class TenantUpdate(BaseModel):
 def _check_policy(state: State, policy: TenantPolicy) -> TenantPolicy:
     unknown = sorted(n for n in policy.allowed() if state.registry.find(n) is None)
     if unknown:
-        raise BadRequest(f"policy names unregistered patches: {', '.join(unknown)}",
-                         param="policy", code="patch_not_found")
+        raise BadRequest(
+            f"policy names unregistered patches: {', '.join(unknown)}",
+            param="policy",
+            code="patch_not_found",
+        )
     return policy
 
 
@@ -50,8 +53,9 @@ async def get_tenant(tenant_id: str, state: State, _: Admin) -> dict[str, Any]:
 
 
 @router.patch("/tenants/{tenant_id}")
-async def update_tenant(tenant_id: str, body: TenantUpdate, state: State,
-                        actor: Admin) -> dict[str, Any]:
+async def update_tenant(
+    tenant_id: str, body: TenantUpdate, state: State, actor: Admin
+) -> dict[str, Any]:
     policy = _check_policy(state, body.policy) if body.policy else None
     return state.tenants.update(tenant_id, actor, name=body.name, policy=policy).public()
 
@@ -63,8 +67,9 @@ async def delete_tenant(tenant_id: str, state: State, actor: Admin) -> Response:
 
 
 @router.put("/tenants/{tenant_id}/policy")
-async def put_policy(tenant_id: str, body: TenantPolicy, state: State,
-                     actor: Admin) -> dict[str, Any]:
+async def put_policy(
+    tenant_id: str, body: TenantPolicy, state: State, actor: Admin
+) -> dict[str, Any]:
     policy = _check_policy(state, body)
     return state.tenants.update(tenant_id, actor, policy=policy).public()
 
@@ -86,6 +91,7 @@ async def revoke_key(tenant_id: str, key_id: str, state: State, actor: Admin) ->
 
 
 @router.get("/audit")
-async def audit(state: State, _: Admin, limit: int = Query(100, ge=1, le=1000),
-                offset: int = Query(0, ge=0)) -> dict[str, Any]:
+async def audit(
+    state: State, _: Admin, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> dict[str, Any]:
     return {"object": "list", "data": state.tenants.audit_log(limit, offset)}

@@ -25,16 +25,22 @@ async def _score(state: State, name: str, k: int | None) -> Any:
 
 
 @router.get("/adapters/{name}/orthogonality")
-async def adapter_orthogonality(name: str, state: State, _: Admin, k: int | None = KQuery,
-                                side: Literal["right", "left", "both"] = "both",
-                                detail: bool = True) -> dict[str, Any]:
+async def adapter_orthogonality(
+    name: str,
+    state: State,
+    _: Admin,
+    k: int | None = KQuery,
+    side: Literal["right", "left", "both"] = "both",
+    detail: bool = True,
+) -> dict[str, Any]:
     score = await _score(state, name, k)
     return {**score.to_dict(detail=detail, side=side), "adapter": name}
 
 
 @router.get("/adapters/{name}/orthogonality.png")
-async def adapter_orthogonality_plot(name: str, state: State, _: Admin,
-                                     k: int | None = KQuery) -> FileResponse:
+async def adapter_orthogonality_plot(
+    name: str, state: State, _: Admin, k: int | None = KQuery
+) -> FileResponse:
     from app.orthogonality.plot import plot_adapter_score
 
     score = await _score(state, name, k)
@@ -54,7 +60,8 @@ async def all_orthogonality(state: State, _: Admin) -> dict[str, Any]:
         summary = record.orthogonality
         if summary is None:
             summary = (await _score(state, record.name, state.settings.ortho_k)).to_dict(
-                detail=False)
+                detail=False
+            )
         rows.append({"adapter": record.name, **summary})
     pairs = await asyncio.to_thread(interference, {r.name: r.path for r in records})
     return {"object": "list", "data": rows, "interference": pairs}
