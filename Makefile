@@ -18,6 +18,7 @@ serve: install
 
 test: install
 	$(PY) -m ruff check app tests bench
+	$(PY) -m ruff format --check app tests bench
 	$(PY) -m pytest -q -m "not container"
 
 test-fast: install
