@@ -36,8 +36,10 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from app.factory.cache import load_cached, save_cached
 from app.factory.preserve import pad_batch
 
+MOMENTS_VERSION = 2  # bump when what the cached moments hold changes (2: benign tails added)
 RIDGE = 1e-3  # C_b += RIDGE · tr(C_b)/d · I: keeps the whitening finite along unused directions
 
 
@@ -51,14 +53,6 @@ def selective_basis(c_harmful: torch.Tensor, c_benign: torch.Tensor, dims: int) 
     chol_inv = torch.linalg.inv(torch.linalg.cholesky(c_b))  # L⁻¹, (d, d)
     _, vecs = torch.linalg.eigh(chol_inv @ c_h @ chol_inv.T)  # ascending eigenvalues
     return (chol_inv.T @ vecs[:, -dims:].flip(1)).float()  # (d, dims)
-
-
-def energy_ratio(x: torch.Tensor, basis: torch.Tensor) -> float:
-    """Share of the inputs' energy inside span(basis): E‖Qᵀx‖² / E‖x‖², x (n, d), Q an
-    orthonormal basis of the span."""
-    q, _ = torch.linalg.qr(basis.double())
-    x = x.double()
-    return float(((x @ q) ** 2).sum() / (x**2).sum().clamp(min=1e-30))
 
 
 class InSubspace(torch.nn.Module):
@@ -216,11 +210,11 @@ def cached_moments(
     tail > 0), cached on disk by everything it depends on: the pass takes minutes on a CPU."""
     sequences = [list(p) + list(r) for p, r in benign]
     key = hashlib.sha256(
-        json.dumps([cache_salt, harmful, sequences, sorted(names), tail, 2]).encode()
+        json.dumps([cache_salt, harmful, sequences, sorted(names), tail, MOMENTS_VERSION]).encode()
     ).hexdigest()[:24]
     cache = cache_root / f"{key}.pt" if cache_root is not None else None
-    if cache is not None and cache.is_file():
-        return torch.load(cache, weights_only=True)
+    if (moments := load_cached(cache)) is not None:
+        return moments
 
     def tails(seqs: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         return [(max(0, len(s) - tail) if tail else 0, len(s)) for s in seqs]
@@ -234,8 +228,5 @@ def cached_moments(
         + ([(prompts, tails(prompts))] if tail else []),
         pad_id,
     )
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(moments, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").rename(cache)
+    save_cached(moments, cache)
     return moments

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from app.factory.cache import load_cached, save_cached
 from app.factory.data import PromptSource, file_sha256, load_prompts, normalise
 from app.factory.preserve import (
     GreedyTarget,
@@ -154,12 +155,14 @@ def _cached_targets(
     config: TrainConfig, model: Any, tokenizer: Any, prompts: list[str]
 ) -> list[GreedyTarget]:
     root = targets_cache_dir(config)
+
+    def path_of(prompt: str) -> Path | None:
+        return root / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.pt" if root else None
+
     found: dict[str, GreedyTarget] = {}
-    if root is not None:
-        for prompt in prompts:
-            path = root / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.pt"
-            if path.is_file():
-                found[prompt] = GreedyTarget(**torch.load(path, weights_only=True))
+    for prompt in prompts:
+        if (cached := load_cached(path_of(prompt))) is not None:
+            found[prompt] = GreedyTarget(**cached)
     missing = [p for p in prompts if p not in found]
     if missing:
         fresh = greedy_targets(
@@ -167,11 +170,7 @@ def _cached_targets(
         )
         for prompt, target in zip(missing, fresh, strict=True):
             found[prompt] = target
-            if root is not None:
-                root.mkdir(parents=True, exist_ok=True)
-                path = root / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.pt"
-                torch.save(asdict(target), path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").rename(path)
+            save_cached(asdict(target), path_of(prompt))
     return [found[p] for p in prompts]
 
 

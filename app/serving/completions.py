@@ -193,8 +193,8 @@ class CompletionServing:
         rid: str,
         http: Request | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """The one path to the engine: holds the LoRA lease, aborts on disconnect, records
-        token metrics."""
+        """The one path to the engine: aborts on disconnect, records token metrics. The caller
+        holds the LoRA lease for the whole response (`_collect`, `_stream`)."""
         start, first, last = time.perf_counter(), None, None
         finished = False
         if self.log_prompts:
@@ -205,31 +205,31 @@ class CompletionServing:
                     "patches": ",".join(who.patches),
                 },
             )
-        with self.registry.targets.lease(who.lora):
-            try:
-                async for chunk in self.engine.generate(ids, sampling, rid, who.lora):
-                    if first is None and chunk.token_ids:
-                        first = time.perf_counter() - start
-                    last = chunk
-                    yield chunk
-                    if http is not None and await http.is_disconnected():
-                        break
-                finished = last is not None and last.finish_reason is not None
-            finally:
-                if not finished:
-                    await self.engine.abort(rid)
-                self.metrics.observe_generation(
-                    who.tenant, who.patches, len(ids), last.completion_tokens if last else 0, first
-                )
+        try:
+            async for chunk in self.engine.generate(ids, sampling, rid, who.lora):
+                if first is None and chunk.token_ids:
+                    first = time.perf_counter() - start
+                last = chunk
+                yield chunk
+                if http is not None and await http.is_disconnected():
+                    break
+            finished = last is not None and last.finish_reason is not None
+        finally:
+            if not finished:
+                await self.engine.abort(rid)
+            self.metrics.observe_generation(
+                who.tenant, who.patches, len(ids), last.completion_tokens if last else 0, first
+            )
 
     async def _collect(
         self, ids: list[int], sampling: SamplingSpec, who: Resolved, rid: str
     ) -> _Result:
         parts, token_ids, last = [], [], None
-        async for chunk in self._generate(ids, sampling, who, rid):
-            parts.append(chunk.text)
-            token_ids += chunk.token_ids
-            last = chunk
+        with self.registry.targets.lease(who.lora):  # taken before any await since resolving
+            async for chunk in self._generate(ids, sampling, who, rid):
+                parts.append(chunk.text)
+                token_ids += chunk.token_ids
+                last = chunk
         return _Result(
             "".join(parts), token_ids, last.finish_reason if last else None, _usage(last, len(ids))
         )

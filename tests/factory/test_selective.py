@@ -12,10 +12,15 @@ from app.factory.selective import (
     InSubspace,
     MomentCollector,
     constrain_lora_inputs,
-    energy_ratio,
     materialise_lora_inputs,
     selective_basis,
 )
+
+
+def energy_ratio(x: torch.Tensor, basis: torch.Tensor) -> float:
+    """Share of the inputs' energy inside span(basis): E‖Qᵀx‖² / E‖x‖², x (n, d)."""
+    q, _ = torch.linalg.qr(basis.double())
+    return float(((x.double() @ q) ** 2).sum() / (x.double() ** 2).sum())
 
 
 def test_basis_finds_the_direction_where_harmful_inputs_dominate() -> None:
