@@ -101,12 +101,9 @@ def evaluate(
         plot(report, plot_out)
         typer.echo(f"wrote {plot_out}")
     if store:
-        patch_dirs = {
-            c.name: c.adapter_dir
-            for c in configs
-            if c.adapter_dir is not None and "+" not in c.name
-        }
-        stored = store_in_patches(report, patch_dirs)  # type: ignore[arg-type]
+        # a stack's result goes to each member too: it is stale once a member changes
+        patch_dirs = dict(pair for c in configs for pair in c.patch_dirs)
+        stored = store_in_patches(report, patch_dirs)
         if stored:
             typer.echo("stored results in " + ", ".join(stored))
 

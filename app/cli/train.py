@@ -63,6 +63,13 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Refusal examples per step.")] = 8,
     preserve_batch_size: Annotated[int, typer.Option(help="Preserve examples per step.")] = 8,
     preserve_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1.0,
+    margin_weight: Annotated[
+        float,
+        typer.Option(
+            help="Preserving mode: weight of the margin hinge that keeps each base greedy "
+            "token the patched model's argmax (0: off). See app/factory/preserve.py."
+        ),
+    ] = 0.0,
     preserve_tokens: Annotated[int, typer.Option(help="Base response tokens to keep.")] = 32,
     selective_dims: Annotated[
         int,
@@ -84,6 +91,13 @@ def train(
     refusal_category: Annotated[
         str | None, typer.Option(help="Use this category's refusal reasons (e.g. cyber).")
     ] = None,
+    refusal_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Train only each refusal's first N tokens; the model's own continuation "
+            "finishes it (0: the whole refusal)."
+        ),
+    ] = 0,
     description: Annotated[str, typer.Option(help="Patch description.")] = "",
     categories: Annotated[str, typer.Option(help="Comma-separated categories.")] = "",
     model: Annotated[
@@ -125,11 +139,13 @@ def train(
         batch_size=batch_size,
         preserve_batch_size=preserve_batch_size,
         preserve_weight=preserve_weight,
+        margin_weight=margin_weight,
         preserve_tokens=preserve_tokens,
         selective_dims=selective_dims,
         selective_tail=selective_tail,
         seed=seed,
         refusal_category=refusal_category,
+        refusal_tokens=refusal_tokens,
         description=description,
         categories=[c for c in categories.split(",") if c],
         command=_command(),

@@ -40,6 +40,7 @@ BASE = "base"
 class EvalConfig:
     name: str  # "base", a patch name, or "a+b" for a stack
     adapter_dir: Path | None  # None: the base model
+    patch_dirs: tuple[tuple[str, Path], ...] = ()  # (name, dir) of each stored patch it uses
 
 
 @dataclass
@@ -73,7 +74,7 @@ def build_configs(
     configs = [EvalConfig(BASE, None)]
     for item in patches:
         name, path = resolve_patch(item, adapters_dir)
-        configs.append(EvalConfig(name, path))
+        configs.append(EvalConfig(name, path, ((name, path),)))
     for stack in stacks:
         members = [resolve_patch(part, adapters_dir) for part in stack.split("+") if part]
         if len(members) < 2:
@@ -82,7 +83,7 @@ def build_configs(
 
         name = "+".join(n for n, _ in members)
         out = combine_adapters([p for _, p in members], work_dir / f"stack-{len(configs)}")
-        configs.append(EvalConfig(name, Path(out)))
+        configs.append(EvalConfig(name, Path(out), tuple(members)))
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("configuration names must be unique")
     return configs

@@ -6,6 +6,10 @@ and q the patched model's next-token distribution, both teacher-forced on the *b
 response. Training uses a top-k approximation (the base's k most likely tokens plus one bucket
 for the rest: the exact KL of that coarsened distribution, a lower bound of the full KL) so the
 base's distributions can be precomputed and cached cheaply; evaluation uses the full vocabulary.
+
+A small KL still flips greedy tokens where the base's top two are nearly tied, and one flip
+changes the rest of the answer. `margin_hinge` targets exactly that: it is zero while the base's
+greedy token stays the patched model's argmax by at least half the base's own margin.
 """
 
 from __future__ import annotations
@@ -130,3 +134,20 @@ def topk_kl(
     q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-8)
     kl_top = (top_logprobs.exp() * (top_logprobs - q_top)).sum(-1)
     return kl_top + p_rest * (p_rest.log() - q_rest.log())
+
+
+def margin_hinge(
+    top_logprobs: torch.Tensor,
+    top_ids: torch.Tensor,
+    patched_logprobs: torch.Tensor,
+    cap: float = 1.0,
+) -> torch.Tensor:
+    """Per position (T,): relu(τ − m_q). y = top_ids[:, 0] is the base's greedy token,
+    m_q = log q(y) − max_{v≠y} log q(v) the patched model's margin for it, and
+    τ = min(m_p / 2, cap) with m_p = log p(y) − log p(2nd) the base's own margin. Zero at the
+    base model; positive only as the patched model moves toward another greedy token."""
+    greedy = top_ids[:, :1]  # (T, 1)
+    own = patched_logprobs.gather(-1, greedy).squeeze(-1)  # (T,)
+    rival = patched_logprobs.scatter(-1, greedy, float("-inf")).amax(-1)  # (T,)
+    wanted = ((top_logprobs[:, 0] - top_logprobs[:, 1]) / 2).clamp(max=cap)  # (T,)
+    return (wanted - (own - rival)).clamp(min=0.0)

@@ -6,8 +6,10 @@ cross-entropy on the response tokens only (prompt tokens are context). Modes:
 * `safety-only` — the paper's recipe: refusal data alone.
 * `preserving` — adds `preserve_weight ×` the mean top-k KL(base ‖ patched) over the base
   model's own greedy responses to *preserve* prompts (benign instructions; for a category patch
-  also requests from other categories). The targets come from the base model itself (generated
-  once, cached under `cache_dir/factory/`), so no external "general" dataset is needed.
+  also requests from other categories), plus `margin_weight ×` the mean margin hinge that
+  keeps each base greedy token the patched model's argmax (`preserve.margin_hinge`). The
+  targets come from the base model itself (generated once, cached under `cache_dir/factory/`),
+  so no external "general" dataset is needed.
 
 Each step draws `batch_size` refusal examples and, in preserving mode, `preserve_batch_size`
 preserve examples, cycling through seeded shuffles of each pool.
@@ -20,7 +22,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,20 +31,14 @@ from tqdm import tqdm
 
 from app.factory.cache import load_cached, save_cached
 from app.factory.data import PromptSource, file_sha256, load_prompts, normalise
-from app.factory.preserve import (
-    GreedyTarget,
-    chat_prompt_ids,
-    greedy_targets,
-    response_logprobs,
-    topk_kl,
-)
+from app.factory.losses import preserve_loss, refusal_examples, refusal_loss
+from app.factory.preserve import GreedyTarget, greedy_targets
 from app.factory.selective import (
     cached_moments,
     constrain_lora_inputs,
     materialise_lora_inputs,
     selective_bases,
 )
-from app.factory.templates import refusal_for
 from app.factory.writer import write_patch
 
 Mode = Literal["safety-only", "preserving"]
@@ -76,12 +71,14 @@ class TrainConfig:
     batch_size: int = 8
     preserve_batch_size: int = 8
     preserve_weight: float = 1.0
+    margin_weight: float = 0.0  # >0: add margin_weight × mean margin hinge (preserve.py)
     preserve_tokens: int = 32
     kl_top_k: int = 64
     selective_dims: int = 0  # >0: keep LoRA A in the top harm-selective input directions
     selective_tail: int = 0  # >0: harmful moments from each prompt's last N tokens only
     seed: int = 0
     refusal_category: str | None = None
+    refusal_tokens: int = 0  # >0: the refusal loss covers only each response's first N tokens
     description: str = ""
     categories: list[str] = field(default_factory=list)
     command: str = ""
@@ -97,38 +94,6 @@ class TrainResult:
     final_loss: float  # the same probe after training
     losses: list[float]
     seconds: float
-
-
-def _refusal_examples(
-    tokenizer: Any, prompts: Sequence[str], seed: int, category: str | None
-) -> list[tuple[list[int], list[int]]]:
-    eos = tokenizer.eos_token_id
-    examples = []
-    for prompt in prompts:
-        response = refusal_for(prompt, seed=seed, category=category)
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
-        examples.append((chat_prompt_ids(tokenizer, prompt), ids))
-    return examples
-
-
-def refusal_loss(
-    model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> torch.Tensor:
-    """Mean cross-entropy over the response tokens of `batch`."""
-    logprobs = response_logprobs(model, [p for p, _ in batch], [r for _, r in batch], pad_id)
-    nll = [
-        -lp.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
-        for lp, (_, r) in zip(logprobs, batch, strict=True)
-    ]
-    return torch.cat(nll).mean()
-
-
-def preserve_loss(model: Any, batch: Sequence[GreedyTarget], pad_id: int) -> torch.Tensor:
-    logprobs = response_logprobs(
-        model, [t.prompt_ids for t in batch], [t.response_ids for t in batch], pad_id
-    )
-    kls = [topk_kl(t.top_logprobs, t.top_ids, lp) for t, lp in zip(batch, logprobs, strict=True)]
-    return torch.cat(kls).mean()
 
 
 def targets_cache_dir(config: TrainConfig) -> Path | None:
@@ -204,7 +169,13 @@ def train_patch(config: TrainConfig) -> TrainResult:
     harmful = _dedup(p for src in config.harmful for p in load_prompts(src))
     if not harmful:
         raise ValueError("no harmful training prompts after filtering and splitting")
-    examples = _refusal_examples(tokenizer, harmful, config.seed, config.refusal_category)
+    examples = refusal_examples(
+        tokenizer,
+        harmful,
+        seed=config.seed,
+        category=config.refusal_category,
+        max_tokens=config.refusal_tokens,
+    )
     targets: list[GreedyTarget] = []
     if config.mode == "preserving":
         preserve = _dedup(p for src in config.preserve for p in load_prompts(src))
@@ -252,9 +223,10 @@ def train_patch(config: TrainConfig) -> TrainResult:
         loss = ce
         postfix = {"ce": f"{ce.item():.3f}"}
         if keep_batches is not None:
-            kl = preserve_loss(model, next(keep_batches), pad_id)
-            loss = ce + config.preserve_weight * kl
+            kl, hinge = preserve_loss(model, next(keep_batches), pad_id)
+            loss = ce + config.preserve_weight * kl + config.margin_weight * hinge
             postfix["kl"] = f"{kl.item():.4f}"
+            postfix["hinge"] = f"{hinge.item():.4f}"
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -49,12 +49,14 @@ def write_patch(
         "batch_size": config.batch_size,
         "preserve_batch_size": config.preserve_batch_size,
         "preserve_weight": config.preserve_weight,
+        "margin_weight": config.margin_weight,
         "preserve_tokens": config.preserve_tokens,
         "kl_top_k": config.kl_top_k,
         "selective_dims": config.selective_dims,
         "selective_tail": config.selective_tail,
         "seed": config.seed,
         "refusal_category": config.refusal_category,
+        "refusal_tokens": config.refusal_tokens,
         "harmful_sources": [s.spec() for s in config.harmful],
         "preserve_sources": [s.spec() for s in config.preserve]
         if config.mode == "preserving"

@@ -54,6 +54,7 @@ def trained_patch(
         preserve_batch_size=4,
         preserve_tokens=8,
         kl_top_k=16,
+        margin_weight=1.0,
         seed=0,
         threads=1,
         description="test patch",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,31 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
         "tiny-refusal",
         "tiny-refusal+zero",
     }
+
+
+def test_stack_results_are_stored_with_each_member(trained_patch, tmp_path: Path) -> None:
+    """`safepatch eval --stack a+b` alone stores the stack's rows in a's and b's metadata, so a
+    patch's stored stack result is replaced when the stack is re-evaluated."""
+    from app.factory.evaluate import build_configs
+    from app.factory.report import build_report, store_in_patches
+
+    _, result = trained_patch
+    store = tmp_path / "adapters"
+    store.mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(result.out_dir, store / name)
+    configs = build_configs([], ["a+b"], store, tmp_path / "work")
+    assert [c.name for c in configs] == ["base", "a+b"]
+    assert dict(configs[1].patch_dirs) == {"a": store / "a", "b": store / "b"}
+    entry = {"prompts": "good", "kind": "benign", "n": 1, "refusal_rate": 0.0}
+    report = build_report([{"config": "base", **entry}, {"config": "a+b", **entry}])
+    patch_dirs = dict(pair for c in configs for pair in c.patch_dirs)
+    assert store_in_patches(report, patch_dirs) == ["a", "b"]
+    for name in ("a", "b"):
+        meta = PatchMetadata.read(store / name)
+        assert meta is not None and meta.evaluation is not None
+        stored = {(e["config"], e["created_at"]) for e in meta.evaluation["entries"]}
+        assert ("a+b", report["created_at"]) in stored
 
 
 def _zero_patch(model_dir: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from app.factory.evaluate import Outputs, PromptSet, score_entry
 from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
-from app.factory.preserve import full_kl, topk_kl
+from app.factory.preserve import full_kl, margin_hinge, topk_kl
 from app.factory.report import build_report, format_table, markdown_table, plot, write_json
 from app.factory.templates import OPENINGS, refusal_for
 
@@ -69,6 +69,27 @@ def test_kl_values() -> None:
     # the top-k coarsening is a lower bound of the full KL
     q = torch.log_softmax(torch.randn(5, 50), -1)
     assert (topk_kl(top.values, top.indices, q) <= full_kl(p, q) + 1e-5).all()
+
+
+def test_margin_hinge() -> None:
+    p = torch.log_softmax(torch.randn(6, 40), -1)
+    top = p.topk(8, -1)
+    # zero at the base model, and when the patched model only widens the greedy token's lead
+    assert torch.equal(margin_hinge(top.values, top.indices, p), torch.zeros(6))
+    wider = torch.log_softmax(p + 5.0 * torch.nn.functional.one_hot(top.indices[:, 0], 40), -1)
+    assert torch.equal(margin_hinge(top.values, top.indices, wider), torch.zeros(6))
+    # by hand: base log-probs (log .6, log .3, log .1) → margin ln 2, wanted τ = ln 2 / 2;
+    # patched (log .4, log .5, log .1) → own margin ln .8, hinge τ − ln .8
+    base = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    patched = torch.tensor([[0.4, 0.5, 0.1]]).log()
+    top = base.topk(3, -1)
+    expected = math.log(2) / 2 - math.log(0.4 / 0.5)
+    assert margin_hinge(top.values, top.indices, patched).item() == pytest.approx(expected)
+    # the wanted margin is capped: a base lead of ln 1000 asks for `cap`, not ln 1000 / 2
+    sure = torch.tensor([[1000.0, 1.0]]).log_softmax(-1)
+    top = sure.topk(2, -1)
+    even = torch.tensor([[0.5, 0.5]]).log()
+    assert margin_hinge(top.values, top.indices, even, cap=0.25).item() == pytest.approx(0.25)
 
 
 def test_score_entry_rates() -> None:

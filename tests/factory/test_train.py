@@ -59,6 +59,7 @@ def test_written_adapter_has_valid_metadata_and_registers(trained_patch, tiny_mo
     assert meta.base_model["name"] == tiny_model.name
     training = meta.training or {}
     assert training["mode"] == "preserving" and training["steps"] == 12
+    assert training["margin_weight"] == 1.0
     assert training["lr"] == 1e-2 and training["n_harmful"] == len(HARMFUL)
     assert training["n_preserve"] > 0 and training["command"] == "pytest"
     assert all(len(h) == 64 for h in training["data_sha256"].values())
@@ -111,3 +112,15 @@ def test_safety_only_mode_and_layer_selection(
                 steps=1,
             )
         )
+
+
+def test_refusal_tokens_cut_each_refusal(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from app.factory.losses import refusal_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    whole = refusal_examples(tokenizer, HARMFUL[:4], seed=0, category=None)
+    cut = refusal_examples(tokenizer, HARMFUL[:4], seed=0, category=None, max_tokens=3)
+    assert all(r[-1] == tokenizer.eos_token_id and len(r) > 3 for _, r in whole)
+    assert [(p, r[:3]) for p, r in whole] == cut
