@@ -50,7 +50,7 @@ def evaluate(
 ) -> None:
     """Evaluate the base model, each --patch and each --stack on each --prompts set."""
     from app.factory.data import load_prompts, parse_source
-    from app.factory.evaluate import PromptSet, build_configs, temp_work_dir
+    from app.factory.evaluate import PromptSet, build_configs, stored_patches, temp_work_dir
     from app.factory.evaluate import evaluate as run_evaluation
     from app.factory.judge import KeywordJudge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
@@ -101,9 +101,7 @@ def evaluate(
         plot(report, plot_out)
         typer.echo(f"wrote {plot_out}")
     if store:
-        # a stack's result goes to each member too: it is stale once a member changes
-        patch_dirs = dict(pair for c in configs for pair in c.patch_dirs)
-        stored = store_in_patches(report, patch_dirs)
+        stored = store_in_patches(report, stored_patches(configs))
         if stored:
             typer.echo("stored results in " + ", ".join(stored))
 

@@ -89,6 +89,12 @@ def build_configs(
     return configs
 
 
+def stored_patches(configs: Sequence[EvalConfig]) -> dict[str, Path]:
+    """Name -> directory of every stored patch the run used, stack members included: a stack's
+    result is stored with each member, since it is stale once a member changes."""
+    return dict(pair for c in configs for pair in c.patch_dirs)
+
+
 def generate(
     model_dir: Path,
     configs: Sequence[EvalConfig],

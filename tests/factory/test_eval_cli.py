@@ -95,7 +95,7 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
 def test_stack_results_are_stored_with_each_member(trained_patch, tmp_path: Path) -> None:
     """`safepatch eval --stack a+b` alone stores the stack's rows in a's and b's metadata, so a
     patch's stored stack result is replaced when the stack is re-evaluated."""
-    from app.factory.evaluate import build_configs
+    from app.factory.evaluate import build_configs, stored_patches
     from app.factory.report import build_report, store_in_patches
 
     _, result = trained_patch
@@ -108,8 +108,7 @@ def test_stack_results_are_stored_with_each_member(trained_patch, tmp_path: Path
     assert dict(configs[1].patch_dirs) == {"a": store / "a", "b": store / "b"}
     entry = {"prompts": "good", "kind": "benign", "n": 1, "refusal_rate": 0.0}
     report = build_report([{"config": "base", **entry}, {"config": "a+b", **entry}])
-    patch_dirs = dict(pair for c in configs for pair in c.patch_dirs)
-    assert store_in_patches(report, patch_dirs) == ["a", "b"]
+    assert store_in_patches(report, stored_patches(configs)) == ["a", "b"]
     for name in ("a", "b"):
         meta = PatchMetadata.read(store / name)
         assert meta is not None and meta.evaluation is not None
