@@ -87,6 +87,16 @@ def train(
             "0: all its tokens."
         ),
     ] = 0,
+    selective_against: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--selective-against",
+            help="With --selective-dims: requests the patch must leave alone (e.g. other "
+            "categories' harmful ones; also pass them to --preserve). Their last "
+            "--selective-tail tokens count as one benign group of their own, so the chosen "
+            "inputs stay quiet on them however few they are. Same syntax as --prompts.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed (templates, shuffles, init).")] = 0,
     refusal_category: Annotated[
         str | None, typer.Option(help="Use this category's refusal reasons (e.g. cyber).")
@@ -143,6 +153,7 @@ def train(
         preserve_tokens=preserve_tokens,
         selective_dims=selective_dims,
         selective_tail=selective_tail,
+        selective_against=[parse_source(s, split="train") for s in selective_against or []],
         seed=seed,
         refusal_category=refusal_category,
         refusal_tokens=refusal_tokens,

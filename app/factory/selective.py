@@ -204,13 +204,20 @@ def cached_moments(
     pad_id: int,
     cache_root: Path | None,
     cache_salt: str,
+    against: Sequence[Sequence[int]] = (),
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`selective_moments` of harmful prompts (their last `tail` tokens; 0: all) against benign
     (prompt, base response) pairs (every position, plus the prompts' last `tail` tokens when
-    tail > 0), cached on disk by everything it depends on: the pass takes minutes on a CPU."""
+    tail > 0) and, when given, `against` prompts (their last `tail` tokens: requests the patch
+    must leave alone, e.g. other categories' harmful ones, weighted as one whole group however
+    few they are among the benign prompts), cached on disk by everything it depends on: the
+    pass takes minutes on a CPU."""
     sequences = [list(p) + list(r) for p, r in benign]
+    extra = [against] if against else []  # keeps the cache key of runs without it unchanged
     key = hashlib.sha256(
-        json.dumps([cache_salt, harmful, sequences, sorted(names), tail, MOMENTS_VERSION]).encode()
+        json.dumps(
+            [cache_salt, harmful, sequences, sorted(names), tail, MOMENTS_VERSION, *extra]
+        ).encode()
     ).hexdigest()[:24]
     cache = cache_root / f"{key}.pt" if cache_root is not None else None
     if (moments := load_cached(cache)) is not None:
@@ -225,7 +232,8 @@ def cached_moments(
         names,
         [(harmful, tails(harmful))],
         [(sequences, [(0, len(s)) for s in sequences])]
-        + ([(prompts, tails(prompts))] if tail else []),
+        + ([(prompts, tails(prompts))] if tail else [])
+        + ([(against, tails(against))] if against else []),
         pad_id,
     )
     save_cached(moments, cache)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from app.factory.cache import load_cached, save_cached
 from app.factory.data import PromptSource, file_sha256, load_prompts, normalise
 from app.factory.losses import preserve_loss, refusal_examples, refusal_loss
-from app.factory.preserve import GreedyTarget, greedy_targets
+from app.factory.preserve import GreedyTarget, chat_prompt_ids, greedy_targets
 from app.factory.selective import (
     cached_moments,
     constrain_lora_inputs,
@@ -76,6 +76,7 @@ class TrainConfig:
     kl_top_k: int = 64
     selective_dims: int = 0  # >0: keep LoRA A in the top harm-selective input directions
     selective_tail: int = 0  # >0: harmful moments from each prompt's last N tokens only
+    selective_against: list[PromptSource] = field(default_factory=list)  # quiet on these too
     seed: int = 0
     refusal_category: str | None = None
     refusal_tokens: int = 0  # >0: the refusal loss covers only each response's first N tokens
@@ -193,8 +194,18 @@ def train_patch(config: TrainConfig) -> TrainResult:
         init_lora_weights=True,
     )
     model = get_peft_model(model, lora)
+    if config.selective_against and not config.selective_dims:
+        raise ValueError("--selective-against needs --selective-dims")
+    against = _dedup(p for src in config.selective_against for p in load_prompts(src))
     lora_inputs = (
-        _selective_lora_inputs(config, model, examples, targets, pad_id)
+        _selective_lora_inputs(
+            config,
+            model,
+            examples,
+            targets,
+            [chat_prompt_ids(tokenizer, p) for p in against],
+            pad_id,
+        )
         if config.selective_dims
         else []
     )
@@ -248,11 +259,13 @@ def _selective_lora_inputs(
     model: Any,
     examples: list[tuple[list[int], list[int]]],
     targets: list[GreedyTarget],
+    against: list[list[int]],
     pad_id: int,
 ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
     """(lora_A module, basis) per patched module (`app.factory.selective`): harmful = the
-    refusal prompts, benign = the preserve prompts with the base's answers. Moments are taken
-    through the fresh peft model, whose B = 0 makes it the base model."""
+    refusal prompts, benign = the preserve prompts with the base's answers, plus the
+    `selective_against` requests as a group of their own. Moments are taken through the fresh
+    peft model, whose B = 0 makes it the base model."""
     if not targets:
         raise ValueError("--selective-dims needs preserving mode and preserve prompts")
     backbone = model.get_base_model().model  # no LM head: moments need only the layers
@@ -263,6 +276,7 @@ def _selective_lora_inputs(
             list(lora_modules),
             harmful=[p for p, _ in examples],
             benign=[(t.prompt_ids, t.response_ids) for t in targets],
+            against=against,
             tail=config.selective_tail,
             pad_id=pad_id,
             cache_root=config.cache_dir and config.cache_dir / "factory" / "moments",

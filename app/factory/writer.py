@@ -36,7 +36,8 @@ def write_patch(
     adapter_config = json.loads((tmp / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = identity["name"]  # not a machine-local path
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    data_files = sorted({str(src.path) for src in config.harmful + config.preserve})
+    sources = config.harmful + config.preserve + config.selective_against
+    data_files = sorted({str(src.path) for src in sources})
     training = {
         "mode": config.mode,
         "rank": config.rank,
@@ -54,6 +55,7 @@ def write_patch(
         "kl_top_k": config.kl_top_k,
         "selective_dims": config.selective_dims,
         "selective_tail": config.selective_tail,
+        "selective_against_sources": [s.spec() for s in config.selective_against],
         "seed": config.seed,
         "refusal_category": config.refusal_category,
         "refusal_tokens": config.refusal_tokens,

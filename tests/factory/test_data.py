@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from app.factory.data import (
     CATEGORIES,
     category_regex,
     load_prompts,
+    normalise,
     parse_source,
     read_rows,
     split_of,
@@ -16,8 +18,10 @@ from app.factory.data import (
 from app.factory.templates import refusal_for
 
 REPO = Path(__file__).resolve().parents[2]
-ADVBENCH = REPO / "app/factory/data/advbench_harmful_behaviors.csv"
-XSTEST = REPO / "app/factory/data/xstest_prompts.csv"
+DATA = REPO / "app/factory/data"
+ADVBENCH = DATA / "advbench_harmful_behaviors.csv"
+XSTEST = DATA / "xstest_prompts.csv"
+LEAK_SIMILARITY = 0.75
 
 
 def test_reads_csv_json_jsonl_with_columns(tmp_path: Path) -> None:
@@ -78,3 +82,32 @@ def test_refusal_templates_vary_and_are_deterministic() -> None:
         or "system" in refusal_for("x", category="cyber").lower()
         or "cyber" in refusal_for("x", category="cyber").lower()
     )
+
+
+@pytest.mark.parametrize(
+    ("written", "evaluated"),
+    [
+        ("contrast_safe.jsonl", f"{XSTEST}?where=label:safe"),
+        ("cyber_requests.jsonl", str(ADVBENCH)),
+    ],
+)
+def test_self_written_training_prompts_do_not_copy_dev_prompts(
+    written: str, evaluated: str
+) -> None:
+    """The self-written files are training data read with split=all; a near-copy of a prompt
+    that the dev evaluation reads would leak into its results (threshold in LICENSES.md)."""
+    ours = [normalise(p) for p in load_prompts(parse_source(f"{DATA / written}?split=all"))]
+    dev = [normalise(p) for p in load_prompts(parse_source(evaluated, split="dev"))]
+    assert len(ours) > 100 and len(dev) > 50
+    near = []
+    for mine in ours:
+        matcher = SequenceMatcher(None, b=mine)  # caches `mine`; cheap upper bounds first
+        for other in dev:
+            matcher.set_seq1(other)
+            if (
+                matcher.real_quick_ratio() >= LEAK_SIMILARITY
+                and matcher.quick_ratio() >= LEAK_SIMILARITY
+                and matcher.ratio() >= LEAK_SIMILARITY
+            ):
+                near.append((mine, other))
+    assert near == []

@@ -11,6 +11,7 @@ import torch
 from app.factory.selective import (
     InSubspace,
     MomentCollector,
+    cached_moments,
     constrain_lora_inputs,
     materialise_lora_inputs,
     selective_basis,
@@ -88,6 +89,33 @@ def test_moments_count_only_the_chosen_positions_and_share_inputs(tiny_model: Pa
     assert torch.allclose(moments[names[2]], expected, rtol=0, atol=1e-5 * scale)
 
 
+def test_against_requests_add_their_tails_as_one_benign_group(tiny_model: Path) -> None:
+    """C_b with `against` = C_b without it + the mean moment of the against prompts' last
+    `tail` tokens; C_h is untouched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    names = ["layers.1.mlp.down_proj"]
+    kwargs = {
+        "harmful": [[5, 6, 7, 8]],
+        "benign": [([9, 10, 11], [12, 13])],
+        "tail": 2,
+        "pad_id": 0,
+        "cache_root": None,
+        "cache_salt": "",
+    }
+    against = [[20, 21, 22, 23], [24, 25, 26]]
+    plain = cached_moments(model.model, names, **kwargs)
+    with_against = cached_moments(model.model, names, against=against, **kwargs)
+    collector = MomentCollector(model.model, names)
+    collector.run(model.model, against, [(2, 4), (1, 3)], pad_id=0)  # the last 2 tokens
+    group = collector.moments()[names[0]]
+    scale = float(group.abs().max())
+    added = with_against["benign"][names[0]] - plain["benign"][names[0]]
+    assert torch.allclose(added, group, rtol=0, atol=1e-5 * scale)
+    assert torch.equal(with_against["harmful"][names[0]], plain["harmful"][names[0]])
+
+
 def test_selective_training_keeps_every_lora_a_inside_its_subspace(
     tiny_model: Path, prompt_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -112,6 +140,7 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
         preserve_tokens=6,
         kl_top_k=8,
         selective_dims=2,
+        selective_against=[parse_source(f"{prompt_files['benign']}?split=all&limit=3")],
         threads=1,
         cache_dir=tmp_path / "cache",
     )
@@ -124,7 +153,9 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
     for key, a in a_weights.items():  # (r, d) of rank ≤ dims: its rows span ≤ 2 directions
         singular = torch.linalg.svdvals(a.double())
         assert float(singular[2:].max()) < 1e-5 * float(singular[0]), key
-    assert (PatchMetadata.read(result.out_dir).training or {})["selective_dims"] == 2
+    training = PatchMetadata.read(result.out_dir).training or {}
+    assert training["selective_dims"] == 2
+    assert training["selective_against_sources"] == [config.selective_against[0].spec()]
 
     with pytest.raises(ValueError, match="selective-dims"):
         train_patch(
@@ -135,6 +166,18 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
                 harmful=config.harmful,
                 mode="safety-only",
                 selective_dims=2,
+                steps=1,
+            )
+        )
+    with pytest.raises(ValueError, match="selective-against needs"):
+        train_patch(
+            TrainConfig(
+                model_dir=tiny_model,
+                out_dir=tmp_path / "y",
+                name="y",
+                harmful=config.harmful,
+                preserve=config.preserve,
+                selective_against=config.selective_against,
                 steps=1,
             )
         )
