@@ -22,7 +22,9 @@ which the benign activations of a small model do not have. The saved adapter is 
 
 Benign positions are the prompt *and* the base model's own response (the tokens the patch
 must not disturb while answering); harmful positions are the request's prompt tokens, where
-the decision to refuse is made.
+the decision to refuse is made. Requests the patch must leave alone (a category patch's other
+categories, `safepatch train --selective-against`) can join C_b as one more group of their
+last tokens, weighted like the rest however few they are.
 """
 
 from __future__ import annotations
