@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
@@ -61,6 +63,48 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+async def _observed(
+    body: AsyncIterator[bytes], finished: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """`body`, then `finished()` once it is sent (or the client left): a streamed answer's
+    headers go out at its first token, so observing there would time only that."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        finished()
+
+
+def _observe(request: Request, status: int, rid: str, start: float) -> None:
+    """Count, time and log one finished request. The log line carries `rid` although the
+    request's context has ended by the time a stream is sent."""
+    route_path = getattr(request.scope.get("route"), "path", "unmatched")
+    tenant = getattr(request.state, "tenant", "anonymous")
+    patches = getattr(request.state, "patches", [])
+    seconds = time.perf_counter() - start
+    state: AppState | None = getattr(request.app.state, "safepatch", None)
+    if state is not None and request.url.path != "/metrics":
+        state.metrics.observe_request(route_path, status, tenant, patches, seconds)
+    token = request_id_var.set(rid)
+    try:  # the access log: no query string, headers, body or prompt text
+        logger.info(
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            status,
+            extra={
+                "method": request.method,
+                "route": route_path,
+                "status": status,
+                "tenant": tenant,
+                "patches": ",".join(patches),
+                "duration_ms": round(seconds * 1000, 2),
+            },
+        )
+    finally:
+        request_id_var.reset(token)
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodySizeLimit, settings=settings)  # inner: runs after `observe`
 
@@ -80,31 +124,11 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
                 logger.exception("unhandled error")
                 response = internal_error_response()
             response.headers[REQUEST_ID_HEADER] = rid
-            route = request.scope.get("route")
-            route_path = getattr(route, "path", "unmatched")
-            tenant = getattr(request.state, "tenant", "anonymous")
-            patches = getattr(request.state, "patches", [])
-            seconds = time.perf_counter() - start
-            state: AppState | None = getattr(request.app.state, "safepatch", None)
-            if state is not None and request.url.path != "/metrics":
-                state.metrics.observe_request(
-                    route_path, response.status_code, tenant, patches, seconds
-                )
-            # the access log: no query string, headers, body or prompt text
-            logger.info(
-                "%s %s %d",
-                request.method,
-                request.url.path,
-                response.status_code,
-                extra={
-                    "method": request.method,
-                    "route": route_path,
-                    "status": response.status_code,
-                    "tenant": tenant,
-                    "patches": ",".join(patches),
-                    "duration_ms": round(seconds * 1000, 2),
-                },
-            )
+            finished = partial(_observe, request, response.status_code, rid, start)
+            if hasattr(response, "body_iterator"):  # call_next's answers, streamed or not
+                response.body_iterator = _observed(response.body_iterator, finished)
+            else:  # the 500 built above, whole
+                finished()
             return response
         finally:
             request_id_var.reset(token)

@@ -296,3 +296,24 @@ def test_an_engine_failure_is_a_500_with_request_id_log_and_metric(settings: Set
             == 1
         )
         assert client.get("/health").status_code == 200
+
+
+def test_a_streamed_answer_is_timed_and_logged_when_its_last_token_is_sent(
+    settings: Settings,
+) -> None:
+    """A stream's headers go out with its first token; latency and the access log's duration
+    must cover the whole answer (6 tokens, 0.05 s apart in the fake engine: ≥ 0.3 s)."""
+    with running_app(settings, FakeEngine(token_delay=0.05)) as (client, _):
+        key = add_tenant(client, "slow", allow_base=True)
+        with json_log_lines() as lines:
+            response = chat(
+                client, {**key, "X-Request-ID": "rid-stream"}, max_tokens=6, stream=True
+            )
+            assert response.status_code == 200 and response.text.rstrip().endswith("[DONE]")
+        labels = dict(route=CHAT_ROUTE, status="200", tenant="slow")
+        assert value(client, "safepatch_request_latency_seconds_count", **labels) == 1
+        assert value(client, "safepatch_request_latency_seconds_sum", **labels) >= 0.29
+        access = [json.loads(line) for line in lines]
+        access = [e for e in access if e.get("route") == CHAT_ROUTE]
+        assert len(access) == 1 and access[0]["request_id"] == "rid-stream", access
+        assert access[0]["duration_ms"] >= 290
