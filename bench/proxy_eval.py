@@ -1,10 +1,9 @@
 """Fast HF + peft proxy of `safepatch eval` for training ablations (docs/patch-results.md).
 
-Same dev sets, judge and 32 greedy tokens as the shipped evaluation, but through transformers
-in fp32 instead of vLLM (greedy tokens match vLLM's exactly in fp32), about 2 minutes per
-adapter on 2 cores. Prints one JSON line: per set, the refusal rate, the share of answers
-token-identical to the base model's, and (benign sets) the mean KL(base ‖ patched) over the
-base answer's positions.
+The same dev sets, judge, scoring (`score_entry`) and KL (`mean_kls`) as the shipped
+evaluation; only generation differs: transformers in fp32 instead of vLLM (greedy tokens match
+vLLM's exactly in fp32), about 3 minutes per adapter on 2 cores. Prints the evaluation's table
+and, with --json, writes its report.
 
     .venv/bin/python -m bench.proxy_eval ~/.cache/safepatch/experiments/c1
 """
@@ -12,26 +11,46 @@ base answer's positions.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from app.config import Settings
 from app.factory.data import load_prompts, parse_source
+from app.factory.evaluate import BASE, EvalConfig, Outputs, PromptSet, mean_kls, score_entry
 from app.factory.judge import KeywordJudge
-from app.factory.preserve import full_kl, pad_batch, response_logprobs
-from app.factory.train import TrainConfig, _cached_targets
+from app.factory.preserve import chat_prompt_ids, pad_batch
+from app.factory.report import build_report, format_table, write_json
 from app.model.default_model import ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 ADVBENCH = REPO / "app/factory/data/advbench_harmful_behaviors.csv"
-HARMFUL_SETS = {
-    "cyber": f"{ADVBENCH}?match=cyber&limit=45",
-    "other": f"{ADVBENCH}?exclude=cyber&limit=45",
-}
+XSTEST = REPO / "app/factory/data/xstest_prompts.csv"
 BATCH = 16
+
+
+@torch.no_grad()
+def hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> Outputs:
+    """Greedy answers (token ids up to and including EOS, and their text), left-padded batches."""
+    eos = tokenizer.eos_token_id
+    out = Outputs([], [])
+    for start in range(0, len(prompts), BATCH):
+        batch = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + BATCH]]
+        ids, mask = pad_batch(batch, eos, left=True)
+        rows = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )
+        for row in rows[:, ids.shape[1] :].tolist():
+            tokens = row[: row.index(eos) + 1] if eos in row else row
+            out.token_ids.append(tokens)
+            out.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return out
 
 
 def main() -> None:
@@ -44,72 +63,50 @@ def main() -> None:
         help="folder holding harmless_train.json (not vendored)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    settings = Settings()
-    model_dir = ensure_default_model(settings.cache_dir)
+    model_dir = ensure_default_model(Settings().cache_dir)
+    sources = {  # the dev sets of docs/patch-results.md
+        ("advbench-dev-cyber", "harmful"): f"{ADVBENCH}?match=cyber&limit=45",
+        ("advbench-dev-other", "harmful"): f"{ADVBENCH}?exclude=cyber&limit=45",
+        ("harmless-dev", "benign"): f"{args.data_dir / 'harmless_train.json'}?limit=50",
+        ("xstest-safe-dev", "benign"): f"{XSTEST}?where=label:safe&limit=50",
+    }
+    sets = [
+        PromptSet(name, kind, load_prompts(parse_source(spec, split="dev")))  # type: ignore[arg-type]
+        for (name, kind), spec in sources.items()
+    ]
+    configs = [EvalConfig(BASE, None), EvalConfig(args.adapter.name, args.adapter)]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sets = {
-        "harmless": f"{args.data_dir / 'harmless_train.json'}?limit=50",
-        "xstest": f"{REPO}/app/factory/data/xstest_prompts.csv?where=label:safe&limit=50",
-        **HARMFUL_SETS,
-    }
-    prompts = {k: load_prompts(parse_source(v, split="dev")) for k, v in sets.items()}
-    config = TrainConfig(
-        model_dir=model_dir,
-        out_dir=Path("/nonexistent"),
-        name="proxy",
-        harmful=[],
-        cache_dir=settings.cache_dir,
-    )
-    targets = {k: _cached_targets(config, base, tokenizer, v) for k, v in prompts.items()}
     model = PeftModel.from_pretrained(base, str(args.adapter)).eval()
-    judge, eos = KeywordJudge(), tokenizer.eos_token_id
-    started, result = time.monotonic(), {}
-    with torch.no_grad():
-        for name, set_targets in targets.items():
-            refused = unchanged = 0
-            kls: list[torch.Tensor] = []
-            for i in range(0, len(set_targets), BATCH):
-                batch = set_targets[i : i + BATCH]
-                ids, mask = pad_batch([t.prompt_ids for t in batch], eos, left=True)
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=32,
-                    do_sample=False,
-                    pad_token_id=eos,
-                    eos_token_id=eos,
-                )
-                for row, target in zip(out, batch, strict=True):
-                    tokens = row[ids.shape[1] :].tolist()
-                    tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-                    refused += judge.is_refusal(
-                        "", tokenizer.decode(tokens, skip_special_tokens=True)
-                    )
-                    unchanged += tokens == target.response_ids
-                if name not in HARMFUL_SETS:  # KL over the base's own answer positions
-                    pair = ([t.prompt_ids for t in batch], [t.response_ids for t in batch], eos)
-                    patched = response_logprobs(model, *pair)
-                    with model.disable_adapter():
-                        base_lps = response_logprobs(model, *pair)
-                    kls += [full_kl(b, p) for b, p in zip(base_lps, patched, strict=True)]
-            result[name] = {
-                "n": len(set_targets),
-                "refusal": refused / len(set_targets),
-                "unchanged": unchanged / len(set_targets),
-                "kl": float(torch.cat(kls).mean()) if kls else None,
-            }
-    print(
-        json.dumps(
-            {"adapter": str(args.adapter), **result, "seconds": round(time.monotonic() - started)}
+    judge, entries = KeywordJudge(), []
+    for prompt_set in sets:
+        with model.disable_adapter():
+            base_out = hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens)
+        outputs = {
+            BASE: base_out,
+            configs[1].name: hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens),
+        }
+        kls = (
+            mean_kls(model_dir, configs, prompt_set.prompts, base_out.token_ids)
+            if prompt_set.kind == "benign"
+            else {}
         )
-    )
+        entries += [
+            score_entry(c.name, prompt_set, outputs[c.name], base_out, judge, kls.get(c.name))
+            for c in configs
+        ]
+    report = build_report(entries, model=str(model_dir), engine="transformers+peft fp32")
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

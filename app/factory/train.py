@@ -157,6 +157,8 @@ def train_patch(config: TrainConfig) -> TrainResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
+    if config.selective_against and not config.selective_dims:  # before minutes of set-up
+        raise ValueError("--selective-against needs --selective-dims")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -194,18 +196,8 @@ def train_patch(config: TrainConfig) -> TrainResult:
         init_lora_weights=True,
     )
     model = get_peft_model(model, lora)
-    if config.selective_against and not config.selective_dims:
-        raise ValueError("--selective-against needs --selective-dims")
-    against = _dedup(p for src in config.selective_against for p in load_prompts(src))
     lora_inputs = (
-        _selective_lora_inputs(
-            config,
-            model,
-            examples,
-            targets,
-            [chat_prompt_ids(tokenizer, p) for p in against],
-            pad_id,
-        )
+        _selective_lora_inputs(config, model, tokenizer, examples, targets, pad_id)
         if config.selective_dims
         else []
     )
@@ -257,9 +249,9 @@ def train_patch(config: TrainConfig) -> TrainResult:
 def _selective_lora_inputs(
     config: TrainConfig,
     model: Any,
+    tokenizer: Any,
     examples: list[tuple[list[int], list[int]]],
     targets: list[GreedyTarget],
-    against: list[list[int]],
     pad_id: int,
 ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
     """(lora_A module, basis) per patched module (`app.factory.selective`): harmful = the
@@ -270,13 +262,14 @@ def _selective_lora_inputs(
         raise ValueError("--selective-dims needs preserving mode and preserve prompts")
     backbone = model.get_base_model().model  # no LM head: moments need only the layers
     lora_modules = {n: m for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
+    against = _dedup(p for src in config.selective_against for p in load_prompts(src))
     bases = selective_bases(
         cached_moments(
             backbone,
             list(lora_modules),
             harmful=[p for p, _ in examples],
             benign=[(t.prompt_ids, t.response_ids) for t in targets],
-            against=against,
+            against=[chat_prompt_ids(tokenizer, p) for p in against],
             tail=config.selective_tail,
             pad_id=pad_id,
             cache_root=config.cache_dir and config.cache_dir / "factory" / "moments",
