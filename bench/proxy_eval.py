@@ -20,37 +20,23 @@ from app.config import Settings
 from app.factory.data import load_prompts, parse_source
 from app.factory.evaluate import BASE, EvalConfig, Outputs, PromptSet, mean_kls, score_entry
 from app.factory.judge import KeywordJudge
-from app.factory.preserve import chat_prompt_ids, pad_batch
+from app.factory.preserve import greedy_targets
 from app.factory.report import build_report, format_table, write_json
 from app.model.default_model import ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 ADVBENCH = REPO / "app/factory/data/advbench_harmful_behaviors.csv"
 XSTEST = REPO / "app/factory/data/xstest_prompts.csv"
-BATCH = 16
 
 
-@torch.no_grad()
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> Outputs:
-    """Greedy answers (token ids up to and including EOS, and their text), left-padded batches."""
-    eos = tokenizer.eos_token_id
-    out = Outputs([], [])
-    for start in range(0, len(prompts), BATCH):
-        batch = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + BATCH]]
-        ids, mask = pad_batch(batch, eos, left=True)
-        rows = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-            eos_token_id=eos,
-        )
-        for row in rows[:, ids.shape[1] :].tolist():
-            tokens = row[: row.index(eos) + 1] if eos in row else row
-            out.token_ids.append(tokens)
-            out.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return out
+    """Greedy answers (token ids up to and including EOS, and their text) through transformers,
+    by the trainer's own `greedy_targets`."""
+    targets = greedy_targets(
+        model, tokenizer, prompts, max_new_tokens=max_tokens, top_k=1, desc="greedy answers"
+    )
+    ids = [t.response_ids for t in targets]
+    return Outputs(ids, [tokenizer.decode(i, skip_special_tokens=True) for i in ids])
 
 
 def main() -> None:
