@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    vllm_args: str = Field(
+        default="",
+        description="Any other `vllm serve` flags, e.g. '--enable-auto-tool-choice "
+        "--tool-call-parser hermes' or '--chat-template FILE'.",
+    )
 
     # --- HTTP -------------------------------------------------------------------------
     host: str = "127.0.0.1"

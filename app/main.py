@@ -22,14 +22,13 @@ from app.errors import (
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
 from app.patches.scores import schedule_scoring
-from app.serving.completions import CompletionServing
-from app.serving.prompts import PromptBuilder
 from app.state import AppState
 from app.tenants.service import TenantService
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, Path], EngineClient]
+ENGINE_WATCH_INTERVAL_S = 0.5
 WEAK_SECRETS = {"", "admin", "changeme", "secret", "password", "token"}
 
 
@@ -66,21 +65,40 @@ def default_engine_factory(settings: Settings, model_dir: Path) -> EngineClient:
     return VllmEngine(settings, model_dir)
 
 
-async def _start_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
+async def _start_engine(state: AppState, app: FastAPI) -> None:
+    # app.server.run_server sets these; elsewhere (tests) on_fatal is a no-op
+    on_fatal = getattr(app.state, "on_fatal", lambda: None)
     try:
         await state.engine.start()
     except Exception:
         # A server that can never become ready must say why and go away, so that its
         # supervisor (container runtime, systemd, k8s) sees the failure.
         logger.exception("engine failed to start; shutting down")
-        state.engine_failed = True
-        on_fatal()
+        _fail(state, on_fatal)
         return
+    state.engine.attach_server(getattr(app.state, "uvicorn_server", None))
     state.metrics.engine_ready.set(1)
     for record in state.registry.list():
         if record.pinned:
             await state.engine.pin_lora(await state.registry.targets.for_patches([record]))
             state.metrics.adapter_events.labels("loaded").inc()
+    await _watch_engine(state, on_fatal)
+
+
+def _fail(state: AppState, on_fatal: Callable[[], None]) -> None:
+    state.engine_failed = True
+    state.metrics.engine_ready.set(0)
+    on_fatal()
+
+
+async def _watch_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
+    """An engine process that died (OOM kill, crash) never comes back: `/ready` turns 503 at
+    once and the server exits non-zero, so its supervisor restarts it. vLLM already fails
+    the requests in flight and refuses new ones."""
+    while not state.engine.errored:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    logger.error("the engine process died; shutting down")
+    _fail(state, on_fatal)
 
 
 def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
@@ -100,14 +118,6 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
     metrics = Metrics()
     registry.targets.on_event = lambda event: metrics.adapter_events.labels(event).inc()
     model_name = settings.served_model_name or model_dir.name
-    serving = CompletionServing(
-        engine,
-        PromptBuilder(model_dir, settings.max_model_len),
-        registry,
-        metrics,
-        model_name,
-        settings.log_prompts,
-    )
     return AppState(
         settings=settings,
         model_dir=model_dir,
@@ -117,7 +127,6 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
         tenants=TenantService(database),
         metrics=metrics,
         engine=engine,
-        serving=serving,
         admin_token=admin_secret(settings),
     )
 
@@ -131,9 +140,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await asyncio.to_thread(build_state, settings, engine_factory)
         app.state.safepatch = state
-        # app.server.run_server sets `on_fatal` to stop the process; elsewhere it is a no-op
-        on_fatal = getattr(app.state, "on_fatal", lambda: None)
-        starting = asyncio.create_task(_start_engine(state, on_fatal))
+        starting = asyncio.create_task(_start_engine(state, app))
         for record in state.registry.list():
             if record.orthogonality is None:
                 schedule_scoring(state, record.name)
@@ -151,10 +158,10 @@ def create_app(
     install_error_handlers(app)
     for router in (
         health.router,
-        openai.router,
         admin_adapters.router,
         admin_tenants.router,
         orthogonality.router,
+        openai.router,
     ):
         app.include_router(router)
 

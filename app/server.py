@@ -40,4 +40,5 @@ def run_server(app: FastAPI, settings: Settings) -> None:
     # An engine that cannot start ends the process instead of idling unready: as if SIGTERM
     # came, which uvicorn re-raises after shutdown, so the exit status is non-zero.
     app.state.on_fatal = lambda: server.handle_exit(signal.SIGTERM, None)
+    app.state.uvicorn_server = server  # vLLM's engine-error handler stops it, too
     server.run()

@@ -12,7 +12,6 @@ from app.config import Settings
 from app.engine.types import EngineClient
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
-from app.serving.completions import CompletionServing
 from app.tenants.service import TenantService
 
 
@@ -26,7 +25,6 @@ class AppState:
     tenants: TenantService
     metrics: Metrics
     engine: EngineClient
-    serving: CompletionServing
     admin_token: str
     draining: bool = False
     engine_failed: bool = False

@@ -22,36 +22,50 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def bearer(request: Request) -> str | None:
+def bearer(request: Request, strict: bool = True) -> str | None:
+    """The bearer token; a malformed header is a 401 when `strict`, else ignored."""
     header = request.headers.get("authorization")
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        if not strict:
+            return None
         raise Unauthorized("Authorization header must be 'Bearer <key>'")
     return token.strip()
 
 
+def _dev_principal(state: AppState) -> Principal:
+    return Principal(
+        DEV_TENANT,
+        TenantPolicy(
+            default=[n for n in state.settings.default_patches if state.registry.find(n)],
+            optional=[
+                p.name
+                for p in state.registry.list()
+                if p.name not in state.settings.default_patches
+            ],
+            allow_base=True,
+        ),
+    )
+
+
 def get_principal(request: Request, state: State) -> Principal:
-    token = bearer(request)
+    """A tenant's key serves that tenant. In dev mode any other token, or none, is the dev
+    tenant (as `vllm serve` without `--api-key` takes any key); elsewhere it is a 401."""
+    token = bearer(request, strict=not state.settings.dev_mode)
     if token is None:
         if not state.settings.dev_mode:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        principal = Principal(
-            DEV_TENANT,
-            TenantPolicy(
-                default=[n for n in state.settings.default_patches if state.registry.find(n)],
-                optional=[
-                    p.name
-                    for p in state.registry.list()
-                    if p.name not in state.settings.default_patches
-                ],
-                allow_base=True,
-            ),
-        )
+        principal = _dev_principal(state)
     else:
-        tenant = state.tenants.authenticate(token)
-        principal = Principal(tenant.id, tenant.policy)
+        try:
+            tenant = state.tenants.authenticate(token)
+            principal = Principal(tenant.id, tenant.policy)
+        except Unauthorized:
+            if not state.settings.dev_mode:
+                raise
+            principal = _dev_principal(state)
     request.state.tenant = principal.tenant_id
     return principal
 

@@ -1,13 +1,18 @@
-"""Settings -> vLLM engine arguments, shared by the server's async engine and offline tools
-(evaluation, benchmarks), so both run the model the same way."""
+"""Settings -> vLLM options, one table for both consumers: the server (`vllm serve` flags,
+`serve_argv`) and offline tools such as evaluation and benchmarks (`engine_kwargs` for
+`vllm.LLM`), so both run the model the same way."""
 
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 from app.config import Settings
+
+# Flags SafePatch itself decides: its settings own them, or it manages them at run time.
+MANAGED_FLAGS = {"--api-key", "--lora-modules", "--host", "--port", "--uds", "--root-path"}
 
 
 def is_cpu_platform() -> bool:
@@ -50,3 +55,28 @@ def engine_kwargs(settings: Settings, model_dir: Path) -> dict[str, Any]:
     if not is_cpu_platform():
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
     return kwargs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def serve_argv(settings: Settings, model_dir: Path) -> list[str]:
+    """The `vllm serve` command line SafePatch's engine and OpenAI app are built from:
+    `engine_kwargs` as flags, then `settings.vllm_args` (any other `vllm serve` flag, such as
+    `--enable-auto-tool-choice --tool-call-parser hermes`)."""
+    argv: list[str] = []
+    for key, value in engine_kwargs(settings, model_dir).items():
+        if isinstance(value, bool):
+            argv += [_flag(key)] if value else []
+        else:
+            argv += [_flag(key), str(value)]
+    extra = shlex.split(settings.vllm_args)
+    owned = MANAGED_FLAGS | {a for a in argv if a.startswith("--")}
+    clashes = sorted({a.split("=", 1)[0] for a in extra} & owned)
+    if clashes:
+        raise ValueError(
+            f"SAFEPATCH_VLLM_ARGS sets {', '.join(clashes)}, which SafePatch manages: use its "
+            "own settings (SAFEPATCH_MODEL, SAFEPATCH_MAX_LORA_RANK, ...) or admin API instead"
+        )
+    return argv + extra

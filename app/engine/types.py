@@ -1,21 +1,12 @@
-"""Engine-neutral request/response types: the API layer never imports vLLM."""
+"""Engine-neutral types: the API layer never imports vLLM."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+from starlette.types import ASGIApp
 
 
 @dataclass(frozen=True)
@@ -27,37 +18,36 @@ class LoraTarget:
     path: Path
 
 
-@dataclass
-class GenerationChunk:
-    """A streamed piece of one request's output (deltas), with running token counts."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 class EngineClient(Protocol):
-    """What the serving layer needs from an engine."""
+    """What SafePatch needs from an engine: its OpenAI app, and control of its LoRAs."""
 
     @property
     def is_ready(self) -> bool: ...
 
-    def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        request_id: str,
-        lora: LoraTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]: ...
+    @property
+    def errored(self) -> bool: ...
 
-    async def add_lora(self, lora: LoraTarget) -> None: ...
+    @property
+    def asgi(self) -> ASGIApp | None:
+        """The engine's OpenAI-compatible ASGI app (vLLM's own), None until started."""
+
+    async def start(self) -> None: ...
+
+    def attach_server(self, server: Any) -> None: ...
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        """Make `lora` servable under `served_name(lora)`; idempotent."""
 
     async def remove_lora(self, lora: LoraTarget) -> None: ...
 
     async def pin_lora(self, lora: LoraTarget) -> None: ...
 
-    async def abort(self, request_id: str) -> None: ...
+    async def base_model_cards(self) -> list[dict[str, Any]]: ...
 
     async def shutdown(self) -> None: ...
+
+
+def served_name(target: LoraTarget) -> str:
+    """The engine's name for a target: unique per weights, so a re-registered patch never
+    collides with the retiring one (responses show the client's own `model`)."""
+    return f"{target.name}@{target.int_id}"

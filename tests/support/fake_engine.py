@@ -1,55 +1,66 @@
-"""A deterministic stand-in for the engine, for HTTP-layer unit tests only.
+"""A deterministic stand-in for the engine and its OpenAI app, for HTTP-layer unit tests only
+(the real one is vLLM's, exercised by tests/e2e).
 
-Output depends on the prompt and on which LoRA serves the request, so tests can see which
-patches reached the engine; `calls` records every request.
+Its app answers `/v1/chat/completions`, `/v1/completions` (streamed or not) and `/tokenize`
+in vLLM's shapes. Output depends on which LoRA the request names, so tests can see which
+patches reached the engine: `calls` records every generation request's body and LoRA.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
-from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.engine.types import LoraTarget, served_name
+
+BASE_CARD = {"object": "model", "owned_by": "vllm", "max_model_len": 256, "permission": []}
+
+
+def vllm_error(message: str, status: int, kind: str = "BadRequestError") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status)
 
 
 class FakeEngine:
-    def __init__(self, token_delay: float = 0.0, start_delay: float = 0.0) -> None:
+    def __init__(
+        self, token_delay: float = 0.0, start_delay: float = 0.0, base_name: str = "tiny"
+    ) -> None:
         self.token_delay = token_delay
         self.start_delay = start_delay
+        self.base_name = base_name
         self.ready = False
-        self.calls: list[tuple[list[int], SamplingSpec, LoraTarget | None]] = []
+        self.dead = False
+        self.calls: list[tuple[dict[str, Any], LoraTarget | None]] = []
         self.loaded: dict[int, LoraTarget] = {}
         self.pinned: set[int] = set()
-        self.aborted: list[str] = []
+        self.cancelled: list[str] = []
+        self.fail_with: Exception | None = None  # raised inside the app on the next request
+        self.app = self._build_app()
 
     @property
     def is_ready(self) -> bool:
-        return self.ready
+        return self.ready and not self.dead
+
+    @property
+    def errored(self) -> bool:
+        return self.dead
+
+    @property
+    def asgi(self) -> FastAPI | None:
+        return self.app if self.ready else None
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
         self.ready = True
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        request_id: str,
-        lora: LoraTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        self.calls.append((prompt_token_ids, sampling, lora))
-        tag = lora.name if lora else "base"
-        for i in range(sampling.max_tokens):
-            if self.token_delay:
-                await asyncio.sleep(self.token_delay)
-            last = i == sampling.max_tokens - 1
-            yield GenerationChunk(
-                text=f"{tag}:{i} ",
-                token_ids=[i],
-                finish_reason="length" if last else None,
-                prompt_tokens=len(prompt_token_ids),
-                completion_tokens=i + 1,
-            )
+    def attach_server(self, server: Any) -> None:
+        pass
 
     async def add_lora(self, lora: LoraTarget) -> None:
         self.loaded[lora.int_id] = lora
@@ -62,8 +73,87 @@ class FakeEngine:
         self.loaded[lora.int_id] = lora
         self.pinned.add(lora.int_id)
 
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
+    async def base_model_cards(self) -> list[dict[str, Any]]:
+        card = {**BASE_CARD, "id": self.base_name, "root": self.base_name, "parent": None}
+        return [{**card, "created": int(time.time())}]
 
     async def shutdown(self) -> None:
         self.ready = False
+
+    # --- the fake OpenAI app -------------------------------------------------------------
+    def _lora(self, model: str) -> LoraTarget | None | str:
+        if model == self.base_name:
+            return None
+        for lora in self.loaded.values():
+            if served_name(lora) == model:
+                return lora
+        return "unknown"
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        @app.post("/v1/completions")
+        async def generate(request: Request):
+            if self.fail_with is not None:
+                error, self.fail_with = self.fail_with, None
+                raise error
+            body = await request.json()
+            lora = self._lora(body.get("model", self.base_name))
+            if lora == "unknown":
+                return vllm_error(f"The model `{body.get('model')}` does not exist.", 404)
+            if body.get("temperature", 1.0) < 0:
+                return vllm_error("temperature must be non-negative", 400)
+            self.calls.append((body, lora))
+            chat = request.url.path.endswith("chat/completions")
+            tag = lora.name if lora else "base"
+            max_tokens = body.get("max_tokens") or 4
+            if body.get("stream"):
+                return StreamingResponse(
+                    self._events(body, chat, tag, max_tokens, request),
+                    media_type="text/event-stream",
+                )
+            text = "".join(f"{tag}:{i} " for i in range(max_tokens))
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            usage = {"prompt_tokens": 3, "completion_tokens": max_tokens}
+            usage["total_tokens"] = 3 + max_tokens
+            return {
+                "id": "fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "model": body["model"],
+                "choices": [{"index": 0, **choice, "finish_reason": "length"}],
+                "usage": usage,
+            }
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            body = await request.json()
+            tokens = list(range(len(str(body.get("prompt", "")).split())))
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": 256}
+
+        return app
+
+    async def _events(
+        self, body: dict[str, Any], chat: bool, tag: str, max_tokens: int, request: Request
+    ) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            for i in range(max_tokens):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                piece = f"{tag}:{i} "
+                choice = {"delta": {"content": piece}} if chat else {"text": piece}
+                last = i == max_tokens - 1
+                chunk = {"id": "fake", "object": kind, "model": body["model"]}
+                chunk["choices"] = [
+                    {"index": 0, **choice, "finish_reason": "length" if last else None}
+                ]
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 3, "completion_tokens": max_tokens}
+                chunk = {"id": "fake", "object": kind, "model": body["model"], "choices": []}
+                yield f"data: {json.dumps({**chunk, 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.cancelled.append(tag)
+            raise

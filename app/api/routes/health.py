@@ -12,8 +12,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(state: State) -> JSONResponse:
+    """Liveness: 503 once the engine failed for good (it never recovers; the process exits)."""
+    if state.engine_failed:
+        return JSONResponse({"status": "failed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")

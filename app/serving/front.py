@@ -1,0 +1,147 @@
+"""SafePatch in front of vLLM's OpenAI server: one request's path.
+
+    caller (deps) -> policy: the effective patch set -> the one LoRA (single or exact stack)
+    -> lease -> vLLM's own OpenAI app, with `model` naming that LoRA -> the answer, with the
+    client's `model`, `safepatch.applied_patches` and `X-SafePatch-Applied` added
+
+Everything else (validation, chat templates, tools, structured output, logprobs, `n`,
+penalties, streaming, errors) is vLLM's own serving layer, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp
+
+from app.engine.types import served_name
+from app.errors import BadRequest, Unavailable
+from app.serving.proxy import forward
+from app.state import AppState
+from app.tenants.access import PATCHES_FIELD, PATCHES_HEADER, Principal, body_toggles, resolve
+
+APPLIED_HEADER = "X-SafePatch-Applied"
+INFO_FIELD = "safepatch"
+# vLLM routes SafePatch serves, all through the patch policy (each names a `model`). Others
+# (dev, RL, scale-out, stored-response retrieval, raw token generation) would bypass the
+# policy or cross tenants, so they are not exposed.
+POLICY_ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/chat/completions/render",
+    "/v1/completions/render",
+    "/tokenize",
+    "/detokenize",
+}
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class UsageMeter:
+    """Tokens and time to first token of one answer, read from what vLLM sends."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def see(self, value: dict[str, Any]) -> None:
+        if self.first is None and any(
+            c.get("text") or (c.get("delta") or {}).get("content")
+            for c in value.get("choices") or []
+            if isinstance(c, dict)
+        ):
+            self.first = time.perf_counter() - self.start
+        usage = value.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens") or 0
+            self.completion_tokens = usage.get("completion_tokens") or 0
+
+
+def engine_app(state: AppState) -> ASGIApp:
+    app = state.engine.asgi
+    if app is None or not state.engine.is_ready:
+        raise Unavailable("the engine is not ready; retry shortly")
+    return app
+
+
+async def serve(state: AppState, caller: Principal, request: Request) -> Response:
+    """Answer one request to a vLLM route for `caller`."""
+    app = engine_app(state)
+    engine = state.engine
+    body = await request.body()
+    payload = _json_object(body)
+    if payload is None:  # not a JSON object: vLLM answers with its 400, nothing is generated
+        return await forward(app, request, body)
+
+    requested = payload.get("model") or state.model_name
+    if not isinstance(requested, str):
+        raise BadRequest("model must be a string", param="model", code="invalid_model")
+    who = await resolve(
+        caller,
+        requested,
+        body_toggles(payload.pop(PATCHES_FIELD, None)),
+        request.headers.get(PATCHES_HEADER),
+        state.model_name,
+        state.registry,
+    )
+    # Taken with no await since resolving: a patch deleted meanwhile stays loaded for us.
+    release = state.registry.targets.acquire(who.lora)
+    try:
+        if who.lora is not None:
+            await engine.add_lora(who.lora)
+    except BaseException:
+        release()
+        raise
+    request.state.tenant, request.state.patches = who.tenant, who.patches
+    payload["model"] = served_name(who.lora) if who.lora else state.model_name
+    info = {"applied_patches": who.patches}
+    meter = UsageMeter()
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict) and "model" in value and "error" not in value:
+            meter.see(value)
+            value["model"] = requested
+            value[INFO_FIELD] = info
+        return value
+
+    def done() -> None:
+        release()
+        state.metrics.observe_generation(
+            who.tenant, who.patches, meter.prompt_tokens, meter.completion_tokens, meter.first
+        )
+
+    return await forward(
+        app,
+        request,
+        json.dumps(payload).encode(),
+        rewrite=rewrite,
+        extra_headers={APPLIED_HEADER: ",".join(who.patches)},
+        on_done=_once(done),
+    )
+
+
+def _once(action: Any) -> Any:
+    called = False
+
+    def run() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            action()
+
+    return run

@@ -1,0 +1,183 @@
+"""Hands one HTTP request to an inner ASGI app (vLLM's OpenAI server) and turns its answer
+into a Starlette response, rewriting JSON bodies and SSE events on the way out.
+
+The inner app sees the request as if it came straight from the client: same method, path,
+query and headers, a (possibly rewritten) body, and a disconnect when our client leaves, so
+vLLM's own cancellation aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message
+
+from app.errors import internal_error_response
+
+logger = logging.getLogger(__name__)
+JSONRewrite = Callable[[Any], Any]  # a decoded JSON value -> the value to send
+DROPPED_HEADERS = {b"content-length", b"authorization", b"x-safepatch-patches", b"host"}
+
+
+def _inner_scope(request: Request, body: bytes) -> dict[str, Any]:
+    scope = {
+        key: value
+        for key, value in request.scope.items()
+        if key not in ("app", "router", "route", "endpoint", "path_params", "state")
+    }
+    headers = [(k, v) for k, v in request.scope["headers"] if k not in DROPPED_HEADERS]
+    headers += [(b"host", b"safepatch"), (b"content-length", str(len(body)).encode())]
+    scope["headers"] = headers
+    scope["state"] = {}
+    return scope
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _is_json(content: bytes) -> bool:
+    try:
+        json.loads(content)
+    except ValueError:
+        return False
+    return True
+
+
+def _rewrite_event(event: bytes, rewrite: JSONRewrite) -> bytes:
+    """One SSE event (`data: {...}`); `[DONE]`, comments and non-JSON pass unchanged."""
+    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+        return event
+    try:
+        value = json.loads(event[6:])
+    except ValueError:
+        return event
+    return b"data: " + encode_json(rewrite(value))
+
+
+class _Exchange:
+    """The inner app running as a task; its messages arrive in a queue."""
+
+    def __init__(self, app: ASGIApp, scope: dict[str, Any], body: bytes) -> None:
+        self.messages: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.gone = asyncio.Event()
+        self._body: bytes | None = body
+        self.task = asyncio.create_task(self._run(app, scope))
+
+    async def _run(self, app: ASGIApp, scope: dict[str, Any]) -> None:
+        try:
+            await app(scope, self._receive, self.messages.put)
+        except Exception:  # it answered 500 already; the log keeps why (with the request id)
+            logger.exception("the engine's app failed")
+        finally:
+            await self.messages.put(None)  # the end, normal or not
+
+    async def _receive(self) -> Message:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        while (message := await self.messages.get()) is not None:
+            if message["type"] == "http.response.body":
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+    async def close(self) -> None:
+        """Our client is done or gone: tell the inner app, and let it finish (it aborts the
+        engine request on disconnect)."""
+        self.gone.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout=5)
+        except (TimeoutError, asyncio.TimeoutError):
+            self.task.cancel()
+        except Exception:  # the inner app's own failure was answered and logged already
+            pass
+
+
+async def forward(
+    app: ASGIApp,
+    request: Request,
+    body: bytes,
+    rewrite: JSONRewrite | None = None,
+    extra_headers: dict[str, str] | None = None,
+    on_done: Callable[[], None] = lambda: None,
+) -> Response:
+    """Run `request` (with `body`) through `app`. JSON answers and each SSE event pass through
+    `rewrite`; `on_done` (idempotent) runs once the answer is fully sent, or the client left."""
+    exchange = _Exchange(app, _inner_scope(request, body), body)
+    watcher = asyncio.create_task(_watch_disconnect(request, exchange))
+    try:
+        start = await exchange.messages.get()
+        if start is None:  # the inner app ended without answering
+            await exchange.task  # re-raises its error, answered by our handlers
+            raise RuntimeError("the engine's app sent no response")
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in start.get("headers", [])
+            if k.lower() != b"content-length"
+        }
+        headers.update(extra_headers or {})
+        status = start["status"]
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            # From here on Starlette watches the client: it cancels the stream when it leaves.
+            watcher.cancel()
+            events = _sse(exchange, rewrite, on_done)
+            weakref.finalize(events, on_done)  # a stream never iterated still ends its lease
+            return StreamingResponse(events, status_code=status, headers=headers)
+        content = b"".join([chunk async for chunk in exchange.body_chunks()])
+        if status >= 500 and not _is_json(content):  # a crash page: tell the client nothing
+            await exchange.close()
+            on_done()
+            return internal_error_response()
+        if rewrite is not None and headers.get("content-type", "").startswith("application/json"):
+            with contextlib.suppress(ValueError):
+                content = encode_json(rewrite(json.loads(content)))
+        await exchange.close()
+        on_done()
+        return Response(content, status_code=status, headers=headers)
+    except BaseException:
+        await exchange.close()
+        on_done()
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _watch_disconnect(request: Request, exchange: _Exchange) -> None:
+    """A client that leaves before a whole (non-streamed) answer is ready ends the engine's
+    work too: the inner app sees the disconnect and aborts."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    exchange.gone.set()
+
+
+async def _sse(
+    exchange: _Exchange, rewrite: JSONRewrite | None, on_done: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    pending = b""
+    try:
+        async for chunk in exchange.body_chunks():
+            if rewrite is None:
+                yield chunk
+                continue
+            pending += chunk
+            *events, pending = pending.split(b"\n\n")
+            if events:
+                yield b"".join(_rewrite_event(e, rewrite) + b"\n\n" for e in events)
+        if pending:
+            yield pending
+    finally:
+        await exchange.close()
+        on_done()
