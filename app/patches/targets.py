@@ -119,6 +119,10 @@ class ServingTargets:
 
         return release
 
+    def leases_held(self) -> int:
+        """Requests in flight that hold a LoRA (0 when idle: nothing leaked)."""
+        return sum(self._leases.values())
+
     def retire(self, target: LoraTarget, remove_files: bool = False) -> None:
         self._retired[target.int_id] = (target, remove_files)
         self._schedule_unload()

@@ -24,6 +24,7 @@ from app.errors import internal_error_response
 
 logger = logging.getLogger(__name__)
 JSONRewrite = Callable[[Any], Any]  # a decoded JSON value -> the value to send
+INNER_GRACE_S = 5.0  # how long the inner app may take to end after our client is done
 DROPPED_HEADERS = {b"content-length", b"authorization", b"x-safepatch-patches", b"host"}
 
 
@@ -94,16 +95,13 @@ class _Exchange:
                 if not message.get("more_body", False):
                     return
 
-    async def close(self) -> None:
-        """Our client is done or gone: tell the inner app, and let it finish (it aborts the
-        engine request on disconnect)."""
+    def finish(self, on_done: Callable[[], None]) -> None:
+        """Our client is done or gone: tell the inner app (it aborts the engine request on a
+        disconnect) and run `on_done` once it has ended. No await: this also runs from a
+        stream that was cancelled, where every await would be cancelled again."""
         self.gone.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout=5)
-        except (TimeoutError, asyncio.TimeoutError):
-            self.task.cancel()
-        except Exception:  # the inner app's own failure was answered and logged already
-            pass
+        self.task.add_done_callback(lambda _: on_done())
+        asyncio.get_running_loop().call_later(INNER_GRACE_S, self.task.cancel)
 
 
 async def forward(
@@ -137,19 +135,15 @@ async def forward(
             weakref.finalize(events, on_done)  # a stream never iterated still ends its lease
             return StreamingResponse(events, status_code=status, headers=headers)
         content = b"".join([chunk async for chunk in exchange.body_chunks()])
+        exchange.finish(on_done)
         if status >= 500 and not _is_json(content):  # a crash page: tell the client nothing
-            await exchange.close()
-            on_done()
             return internal_error_response()
         if rewrite is not None and headers.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(ValueError):
                 content = encode_json(rewrite(json.loads(content)))
-        await exchange.close()
-        on_done()
         return Response(content, status_code=status, headers=headers)
     except BaseException:
-        await exchange.close()
-        on_done()
+        exchange.finish(on_done)
         raise
     finally:
         watcher.cancel()
@@ -179,5 +173,4 @@ async def _sse(
         if pending:
             yield pending
     finally:
-        await exchange.close()
-        on_done()
+        exchange.finish(on_done)

@@ -88,9 +88,7 @@ def run_case(client: openai.OpenAI, model: str, kind: str, args: dict[str, Any])
             return [c.model_dump(exclude={"prompt_logprobs"}) for c in out.choices]
         if kind == "stream":
             chunks = list(
-                client.chat.completions.create(
-                    model=model, messages=MESSAGES, stream=True, **args
-                )
+                client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **args)
             )
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             return {"text": text, "usage": chunks[-1].usage.model_dump()}
