@@ -165,5 +165,6 @@ def create_app(
     ):
         app.include_router(router)
 
+    app.openapi = openai.engine_openapi(app)  # type: ignore[method-assign]
     install_middleware(app, settings)
     return app

@@ -81,3 +81,11 @@ def test_a_client_leaving_mid_stream_cancels_the_engine_work_and_ends_the_lease(
         while engine.cancelled != ["alpha"] or targets.leases_held():
             assert time.monotonic() < deadline, (engine.cancelled, targets.leases_held())
             time.sleep(0.02)
+
+
+def test_openapi_documents_the_engines_request_bodies(settings: Settings) -> None:
+    with running_app(settings) as (http, _):
+        paths = http.get("/openapi.json").json()["paths"]
+        # the engine's own operation (vLLM's carries its request-body schema)
+        assert paths["/v1/chat/completions"]["post"]["operationId"].startswith("generate_")
+        assert "/admin/adapters" in paths

@@ -3,9 +3,11 @@ vLLM's own, reached through SafePatch's front (`app.serving.front`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from app.api.deps import Caller, State
@@ -51,3 +53,23 @@ for _path in sorted(front.POLICY_ROUTES):
 @router.get("/version", include_in_schema=False)
 async def public_vllm_routes(request: Request, state: State) -> Response:
     return await forward(front.engine_app(state), request, await request.body())
+
+
+def engine_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi`: SafePatch's schema, with vLLM's own request and response schemas for the
+    routes it serves once the engine is up (so clients and fuzzers see the real bodies)."""
+
+    def openapi() -> dict[str, Any]:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        state = getattr(app.state, "safepatch", None)
+        inner = state.engine.asgi if state is not None else None
+        if inner is None or not hasattr(inner, "openapi"):
+            return schema
+        theirs = inner.openapi()
+        for path in front.POLICY_ROUTES & set(theirs.get("paths", {})):
+            schema["paths"][path] = theirs["paths"][path]
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(theirs.get("components", {}).get("schemas", {}))
+        return schema
+
+    return openapi
