@@ -113,9 +113,13 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
     meter = UsageMeter()
 
     def rewrite(value: Any) -> Any:
-        if isinstance(value, dict) and "model" in value and "error" not in value:
-            meter.see(value)
-            value["model"] = requested
+        if not isinstance(value, dict) or "error" in value:
+            return value
+        # Responses API stream events carry the answer under "response"
+        answer = value["response"] if isinstance(value.get("response"), dict) else value
+        if "model" in answer:
+            meter.see(answer)
+            answer["model"] = requested
             value[INFO_FIELD] = info
         return value
 

@@ -54,14 +54,19 @@ def _is_json(content: bytes) -> bool:
 
 
 def _rewrite_event(event: bytes, rewrite: JSONRewrite) -> bytes:
-    """One SSE event (`data: {...}`); `[DONE]`, comments and non-JSON pass unchanged."""
-    if not event.startswith(b"data: ") or event == b"data: [DONE]":
-        return event
-    try:
-        value = json.loads(event[6:])
-    except ValueError:
-        return event
-    return b"data: " + encode_json(rewrite(value))
+    """One SSE event: each `data: {...}` line rewritten (an event may also carry `event:` or
+    `id:` lines, as the Responses API's do); `[DONE]`, comments and non-JSON pass unchanged."""
+    lines = event.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        try:
+            value = json.loads(line[6:])
+        except ValueError:
+            continue
+        if isinstance(value, dict):  # answers and chunks are objects; leave the rest as sent
+            lines[i] = b"data: " + encode_json(rewrite(value))
+    return b"\n".join(lines)
 
 
 class _Exchange:
