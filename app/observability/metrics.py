@@ -54,6 +54,12 @@ class Metrics:
             ["kind", "tenant", "patches"],
             registry=self.registry,
         )
+        self.gate_decisions = Counter(
+            "safepatch_gate_decisions_total",
+            "Gated patches' probe decisions (fired: the patched answer was served)",
+            ["patch", "decision"],
+            registry=self.registry,
+        )
         self.adapter_events = Counter(
             "safepatch_adapter_events_total",
             "Adapter registrations, engine loads and evictions",

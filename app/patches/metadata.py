@@ -30,6 +30,7 @@ class PatchMetadata(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     training: dict[str, Any] | None = None  # hyper-parameters, data hash, command, time
     evaluation: dict[str, Any] | None = None  # latest `safepatch eval` report for this patch
+    gate: dict[str, Any] | None = None  # app.patches.gate.GateRule: default mode, decision rule
 
     def write(self, adapter_dir: Path) -> None:
         (adapter_dir / METADATA_FILE).write_text(self.model_dump_json(indent=2) + "\n")

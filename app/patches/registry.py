@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from app import db
 from app.engine.types import EngineClient, LoraTarget
 from app.errors import BadRequest, Conflict, NotFound
+from app.patches.gate import GateRule
 from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata
 from app.patches.targets import ServingTargets
 from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
@@ -80,6 +81,7 @@ class PatchRecord:
             if ortho
             else None,
             "safety_effect": self.evaluation,
+            "gate": GateRule.from_meta(self.meta).as_dict(),
         }
 
 
@@ -290,6 +292,7 @@ class PatchRegistry:
             weights_sha256=checked.weights_sha256,
             training=existing.training if existing else None,
             evaluation=existing.evaluation if existing else None,
+            gate=existing.gate if existing else None,
         )
         if source == "upload":  # our copy in the store: keep its metadata beside the weights
             meta.write(path)

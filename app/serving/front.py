@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -20,12 +21,39 @@ from starlette.types import ASGIApp
 
 from app.engine.types import served_name
 from app.errors import BadRequest, Unavailable
-from app.serving.proxy import forward
+from app.patches.gate import GateRule, Probe
+from app.serving.proxy import encode_json, forward
 from app.state import AppState
-from app.tenants.access import PATCHES_FIELD, PATCHES_HEADER, Principal, body_toggles, resolve
+from app.tenants.access import (
+    PATCHES_FIELD,
+    PATCHES_HEADER,
+    Principal,
+    Resolved,
+    body_toggles,
+    resolve,
+)
 
 APPLIED_HEADER = "X-SafePatch-Applied"
+GATES_HEADER = "X-SafePatch-Gates"
 INFO_FIELD = "safepatch"
+# Routes where gated patches probe first (the others generate nothing, or not as a reply).
+GATED_ROUTES = {"/v1/chat/completions", "/v1/completions"}
+# Request fields a probe leaves out: it is greedy, one choice, whole and short, plain text.
+PROBE_DROPPED = {
+    "max_completion_tokens",
+    "min_tokens",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "echo",
+    "best_of",
+    "use_beam_search",
+    "stop",
+    "response_format",
+    "structured_outputs",
+    "seed",
+}
 # vLLM routes SafePatch serves, all through the patch policy (each names a `model`). Others
 # (dev, RL, scale-out, stored-response retrieval, raw token generation) would bypass the
 # policy or cross tenants, so they are not exposed.
@@ -82,7 +110,6 @@ def engine_app(state: AppState) -> ASGIApp:
 async def serve(state: AppState, caller: Principal, request: Request) -> Response:
     """Answer one request to a vLLM route for `caller`."""
     app = engine_app(state)
-    engine = state.engine
     body = await request.body()
     payload = _json_object(body)
     if payload is None:  # not a JSON object: vLLM answers with its 400, nothing is generated
@@ -99,17 +126,16 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
         state.model_name,
         state.registry,
     )
-    # Taken with no await since resolving: a patch deleted meanwhile stays loaded for us.
-    release = state.registry.targets.acquire(who.lora)
-    try:
-        if who.lora is not None:
-            await engine.add_lora(who.lora)
-    except BaseException:
-        release()
-        raise
+    gates: dict[str, str] = {}
+    if request.url.path in GATED_ROUTES:
+        rules = {p: GateRule.from_meta(state.registry.get(p).meta) for p in who.patches}
+        probe = Probe.for_patches(rules, caller.policy.modes, who.patches)
+        if probe is not None:
+            who, gates = await _gate(state, request, payload, who, probe)
+    release = await _lease(state, who)
     request.state.tenant, request.state.patches = who.tenant, who.patches
     payload["model"] = served_name(who.lora) if who.lora else state.model_name
-    info = {"applied_patches": who.patches}
+    info = {"applied_patches": who.patches, "gates": gates}
     meter = UsageMeter()
 
     def rewrite(value: Any) -> Any:
@@ -129,14 +155,51 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
             who.tenant, who.patches, meter.prompt_tokens, meter.completion_tokens, meter.first
         )
 
+    headers = {APPLIED_HEADER: ",".join(who.patches)}
+    if gates:
+        headers[GATES_HEADER] = ",".join(f"{p}={d}" for p, d in gates.items())
     return await forward(
-        app,
-        request,
-        json.dumps(payload).encode(),
-        rewrite=rewrite,
-        extra_headers={APPLIED_HEADER: ",".join(who.patches)},
-        on_done=_once(done),
+        app, request, encode_json(payload), rewrite, extra_headers=headers, on_done=_once(done)
     )
+
+
+async def _lease(state: AppState, who: Resolved) -> Callable[[], None]:
+    """Lease `who.lora` and make sure the engine serves it; returns the release."""
+    # Taken with no await since resolving: a patch deleted meanwhile stays loaded for us.
+    release = state.registry.targets.acquire(who.lora)
+    try:
+        if who.lora is not None:
+            await state.engine.add_lora(who.lora)
+    except BaseException:
+        release()
+        raise
+    return release
+
+
+async def _gate(
+    state: AppState, request: Request, payload: dict[str, Any], who: Resolved, probe: Probe
+) -> tuple[Resolved, dict[str, str]]:
+    """Probe with every effective patch; where it does not refuse, the gated patches are off.
+    A probe that fails (a 4xx the real request will get too) keeps them on: fail closed."""
+    body = {k: v for k, v in payload.items() if k not in PROBE_DROPPED}
+    body.update(max_tokens=probe.probe_tokens, temperature=0, n=1, stream=False)
+    body["model"] = served_name(who.lora) if who.lora else state.model_name
+    release = await _lease(state, who)
+    answer = await forward(engine_app(state), request, encode_json(body), on_done=release)
+    fired = answer.status_code != 200 or probe.fires(_first_text(answer.body))
+    decision = "fired" if fired else "passed"
+    for patch in probe.gated:
+        state.metrics.gate_decisions.labels(patch, decision).inc()
+    gates = {patch: decision for patch in probe.gated}
+    if fired:
+        return who, gates
+    kept = [p for p in who.patches if p not in probe.gated]
+    return Resolved(who.tenant, kept, await state.registry.lora_for(kept)), gates
+
+
+def _first_text(body: bytes) -> str:
+    choice = json.loads(body)["choices"][0]
+    return choice.get("text") or (choice.get("message") or {}).get("content") or ""
 
 
 def _once(action: Any) -> Any:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from app.errors import BadRequest, Forbidden
+from app.patches.gate import Mode
 
 
 class TenantPolicy(BaseModel):
@@ -21,6 +22,9 @@ class TenantPolicy(BaseModel):
     default: list[str] = Field(default_factory=list)
     optional: list[str] = Field(default_factory=list)
     allow_base: bool = False
+    # per patch: "gated" (acts only where its probe refuses) or "always"; unset: the patch's
+    # own default (its metadata)
+    modes: dict[str, Mode] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _disjoint(self) -> TenantPolicy:
@@ -31,6 +35,17 @@ class TenantPolicy(BaseModel):
                     raise ValueError(f"patch '{name}' is both {seen[name]} and {tier}")
                 seen[name] = tier
         return self
+
+    @field_validator("modes")
+    @classmethod
+    def _named(cls, modes: dict[str, Mode], info: ValidationInfo) -> dict[str, Mode]:
+        named = {
+            n for tier in ("mandatory", "default", "optional") for n in info.data.get(tier, [])
+        }
+        unnamed = sorted(set(modes) - named)
+        if unnamed:
+            raise ValueError(f"modes name patches the policy does not: {', '.join(unnamed)}")
+        return modes
 
     def allowed(self) -> set[str]:
         return {*self.mandatory, *self.default, *self.optional}

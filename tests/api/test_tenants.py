@@ -212,7 +212,13 @@ def test_tenant_crud_with_an_audit_entry_for_each_change(shared) -> None:
     assert created.json() == {
         "id": "edu",
         "name": "Kids Edu",
-        "policy": {"mandatory": ["alpha"], "default": [], "optional": [], "allow_base": False},
+        "policy": {
+            "mandatory": ["alpha"],
+            "default": [],
+            "optional": [],
+            "allow_base": False,
+            "modes": {},
+        },
     }
     key = client.post("/admin/tenants/edu/keys", headers=ADMIN).json()
     renamed = client.patch("/admin/tenants/edu", headers=ADMIN, json={"name": "Kids"})
@@ -222,6 +228,7 @@ def test_tenant_crud_with_an_audit_entry_for_each_change(shared) -> None:
         "default": ["beta"],
         "optional": ["gamma"],
         "allow_base": False,
+        "modes": {"alpha": "gated"},
     }
     put = client.put("/admin/tenants/edu/policy", headers=ADMIN, json=policy)
     assert put.status_code == 200 and put.json()["policy"] == policy

@@ -3,7 +3,8 @@
 
 Its app answers `/v1/chat/completions`, `/v1/completions` (streamed or not) and `/tokenize`
 in vLLM's shapes. Output depends on which LoRA the request names, so tests can see which
-patches reached the engine: `calls` records every generation request's body and LoRA.
+patches reached the engine: `calls` records every generation request's body and LoRA. With
+any LoRA, a prompt containing "[refuse]" is answered "I'm sorry:0 I'm sorry:1 ...".
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class FakeEngine:
             self.calls.append((body, lora))
             chat = request.url.path.endswith("chat/completions")
             tag = lora.name if lora else "base"
+            if lora and "[refuse]" in json.dumps(body.get("messages") or body.get("prompt")):
+                tag = "I'm sorry"  # any patch refuses these prompts
             max_tokens = body.get("max_tokens") or 4
             if body.get("stream"):
                 return StreamingResponse(

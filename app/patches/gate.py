@@ -1,0 +1,90 @@
+"""Gated patches: a patch that acts only on the requests it refuses.
+
+A gated patch first runs as a short probe: greedy, its first `probe_tokens` tokens, on exactly
+the prompt that will be served, with every effective patch applied. If the probe opens like a
+refusal (`fires`), the answer is the patched model's; otherwise the request is served with the
+gated patches switched off, so it gets what the model without them gives: bit-identical for
+greedy decoding, the same distribution when sampling. Several gated patches on one request
+probe as their exact stack, and one decision covers them (one probe per patch would give
+per-category decisions at N times the probe cost).
+
+The rule lives in the patch's metadata (`safepatch.json`, key `gate`) and is reported by the
+admin API; a tenant's policy may set a patch's mode (`gated` or `always`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Mode = Literal["gated", "always"]
+MODES: tuple[Mode, ...] = ("gated", "always")
+# How the shipped refusal patches open their refusals (their training targets), lower case.
+REFUSAL_OPENINGS = (
+    "i'm sorry",
+    "i am sorry",
+    "sorry",
+    "i can't",
+    "i cannot",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm not able",
+    "i am not able",
+    "i'm unable",
+    "i am unable",
+    "as an ai",
+)
+
+
+def normalise(text: str) -> str:
+    return text.strip().lower().replace("\u2019", "'").replace("\u2018", "'")
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """The decision rule of one patch: which signal, its parameters, how they were set."""
+
+    mode: Mode = "always"  # the patch's default mode
+    signal: str = "probe_text_opening"
+    probe_tokens: int = 6
+    openings: tuple[str, ...] = REFUSAL_OPENINGS
+    calibration: str = "the refusal openings of SafePatch's training targets (not calibrated)"
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> GateRule:
+        values = dict(meta.get("gate") or {})
+        if "openings" in values:
+            values["openings"] = tuple(normalise(o) for o in values["openings"])
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+    def fires(self, probe_text: str) -> bool:
+        return normalise(probe_text).startswith(self.openings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "openings": list(self.openings)}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe for the gated patches of a request (their decisions are one)."""
+
+    gated: tuple[str, ...]
+    probe_tokens: int
+    rules: tuple[GateRule, ...]
+
+    @classmethod
+    def for_patches(
+        cls, rules: Mapping[str, GateRule], modes: Mapping[str, Mode], patches: Iterable[str]
+    ) -> Probe | None:
+        """The probe for `patches` (None: nothing gated). `modes` (the tenant's) overrides
+        each patch's own default mode."""
+        gated = tuple(p for p in patches if modes.get(p, rules[p].mode) == "gated")
+        if not gated:
+            return None
+        chosen = tuple(rules[p] for p in gated)
+        return cls(gated, max(r.probe_tokens for r in chosen), chosen)
+
+    def fires(self, probe_text: str) -> bool:
+        return any(rule.fires(probe_text) for rule in self.rules)

@@ -1,0 +1,99 @@
+"""Gated patches over the fake engine: a short probe with the patch decides; where it does not
+refuse the request is served without the gated patch, where it does the patched answer is
+served. Mode is policy: a tenant sets it per patch, a request cannot weaken a mandatory one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.config import Settings
+from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
+from tests.conftest import ADMIN
+
+pytestmark = NO_SCORING
+REFUSE = [{"role": "user", "content": "[refuse] how do I do harm"}]
+
+
+def metric(client, decision: str) -> float:
+    text = client.get("/metrics").text
+    line = f'safepatch_gate_decisions_total{{decision="{decision}",patch="alpha"}}'
+    return next((float(v.split()[-1]) for v in text.splitlines() if v.startswith(line)), 0.0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gate_serves_the_base_unless_the_probe_refuses(settings: Settings, stream: bool) -> None:
+    with running_app(settings) as (client, engine):
+        headers = add_tenant(client, "g", mandatory=["alpha"], modes={"alpha": "gated"})
+
+        def ask(messages=None) -> tuple[str, dict]:
+            extra = {"messages": messages} if messages else {}
+            response = chat(client, headers, max_tokens=3, stream=stream, **extra)
+            assert response.status_code == 200, response.text
+            if not stream:
+                body = response.json()
+                return body["choices"][0]["message"]["content"], body["safepatch"]
+            chunks = [json.loads(e[6:]) for e in response.text.split("\n\n") if e[6:7] == "{"]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            return text, chunks[0]["safepatch"]
+
+        text, info = ask()
+        assert text == "base:0 base:1 base:2 "  # the base model's own answer
+        assert info == {"applied_patches": [], "gates": {"alpha": "passed"}}
+        probe, served = engine.calls[-2:]
+        assert probe[1].name == "alpha" and probe[0]["max_tokens"] == 6
+        assert probe[0]["temperature"] == 0 and probe[0]["stream"] is False
+        assert served[1] is None
+        text, info = ask(REFUSE)
+        assert text == "I'm sorry:0 I'm sorry:1 I'm sorry:2 "  # the patched answer
+        assert info == {"applied_patches": ["alpha"], "gates": {"alpha": "fired"}}
+        assert metric(client, "passed") == 1 and metric(client, "fired") == 1
+
+
+def test_a_mandatory_gated_patch_cannot_be_switched_off(settings: Settings) -> None:
+    with running_app(settings) as (client, _):
+        headers = add_tenant(client, "m", mandatory=["alpha"], modes={"alpha": "gated"})
+        assert_error(chat(client, headers, safety_patches=["-alpha"]), 403, "patch_mandatory")
+        response = chat(client, headers, messages=REFUSE)
+        assert response.headers["X-SafePatch-Gates"] == "alpha=fired"
+        assert response.headers["X-SafePatch-Applied"] == "alpha"
+
+
+def test_always_mode_applies_the_patch_to_every_request(settings: Settings) -> None:
+    with running_app(settings) as (client, engine):
+        headers = add_tenant(client, "a", default=["alpha"], modes={"alpha": "always"})
+        body = chat(client, headers).json()
+        assert body["safepatch"] == {"applied_patches": ["alpha"], "gates": {}}
+        assert len(engine.calls) == 1  # no probe
+
+
+@pytest.mark.parametrize(
+    ("modes", "param"),
+    [({"alpha": "sometimes"}, "modes.alpha"), ({"beta": "gated"}, "modes")],
+)
+def test_bad_modes_are_422_and_change_nothing(settings: Settings, modes: dict, param: str) -> None:
+    with running_app(settings) as (client, _):
+        add_tenant(client, "t", optional=["alpha"])
+        before = client.get("/admin/tenants/t", headers=ADMIN).json()["policy"]
+        response = client.put(
+            "/admin/tenants/t/policy", headers=ADMIN, json={"optional": ["alpha"], "modes": modes}
+        )
+        assert assert_error(response, 422)["param"] == param
+        assert client.get("/admin/tenants/t", headers=ADMIN).json()["policy"] == before
+
+
+def test_the_admin_api_reports_each_patchs_rule(settings: Settings) -> None:
+    with running_app(settings) as (client, _):
+        gate = client.get("/admin/adapters/alpha", headers=ADMIN).json()["gate"]
+        assert gate["mode"] == "always" and gate["signal"] == "probe_text_opening"
+        assert "i'm sorry" in gate["openings"] and gate["probe_tokens"] == 6
+
+
+def test_base_name_is_kept_in_answers(settings: Settings) -> None:
+    with running_app(settings) as (client, _):
+        headers = add_tenant(
+            client, "b", optional=["alpha"], modes={"alpha": "gated"}, allow_base=True
+        )
+        assert chat(client, headers, model="alpha").json()["model"] == "alpha"
+        assert chat(client, headers).json()["model"] == BASE
