@@ -61,7 +61,8 @@ def test_every_stream_chunk_names_the_clients_model_and_the_patches(settings: Se
         chunks = [json.loads(e[6:]) for e in events]
         assert len(chunks) == 4  # three tokens and the usage chunk
         for chunk in chunks:
-            assert chunk["model"] == BASE and chunk["safepatch"] == {"applied_patches": ["alpha"]}
+            assert chunk["model"] == BASE
+            assert chunk["safepatch"] == {"applied_patches": ["alpha"], "gates": {}}
         assert engine.calls[-1][0]["model"] != BASE  # the engine was asked for the LoRA
         assert "safety_patches" not in engine.calls[-1][0]
 
