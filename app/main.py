@@ -24,6 +24,7 @@ from app.patches.registry import PatchRegistry
 from app.patches.scores import schedule_scoring
 from app.serving.completions import CompletionServing
 from app.serving.prompts import PromptBuilder
+from app.snapshot import Catalog
 from app.state import AppState
 from app.tenants.service import TenantService
 
@@ -86,8 +87,12 @@ async def _start_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
 def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
     model_dir = resolve_model_dir(settings)
     database = open_database(settings.resolved_database_url)
+    catalog = Catalog(
+        database, replica_id=settings.replica_id, interval_s=settings.snapshot_refresh_s
+    )
     registry = PatchRegistry(
         database,
+        catalog=catalog,
         store_dir=settings.adapters_dir,
         cache_dir=settings.cache_dir,
         model_dir=model_dir,
@@ -114,7 +119,7 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
         model_name=model_name,
         database=database,
         registry=registry,
-        tenants=TenantService(database),
+        tenants=TenantService(database, catalog),
         metrics=metrics,
         engine=engine,
         serving=serving,
@@ -134,6 +139,9 @@ def create_app(
         # app.server.run_server sets `on_fatal` to stop the process; elsewhere it is a no-op
         on_fatal = getattr(app.state, "on_fatal", lambda: None)
         starting = asyncio.create_task(_start_engine(state, on_fatal))
+        # the snapshot follows changes made through other replicas; this one unloads what
+        # they deleted
+        state.registry.catalog.start(on_change=state.registry.sync_engine)
         for record in state.registry.list():
             if record.orthogonality is None:
                 schedule_scoring(state, record.name)
@@ -144,6 +152,7 @@ def create_app(
             starting.cancel()
             for task in list(state.background):
                 task.cancel()
+            await state.registry.catalog.stop()
             await state.engine.shutdown()
             state.database.dispose()
 
