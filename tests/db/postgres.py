@@ -14,9 +14,14 @@ from sqlalchemy.engine import make_url
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "postgres.sh"
 
 
-def run_script(action: str) -> str:
+def run_script(action: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
-        [str(SCRIPT), action], capture_output=True, text=True, timeout=300, check=False
+        [str(SCRIPT), action],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
     if done.returncode != 0:
         raise RuntimeError(f"scripts/postgres.sh {action} failed: {done.stderr.strip()}")
@@ -31,6 +36,7 @@ class PostgresServer:
     managed: bool  # run by scripts/postgres.sh (so tests may stop and start it)
     started_here: bool = False  # this test session started it, so it stops it at the end
     created: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # where the script keeps this server
 
     @classmethod
     def connect(cls) -> PostgresServer:
@@ -41,8 +47,14 @@ class PostgresServer:
         else:
             was_running = subprocess.run([str(SCRIPT), "status"], check=False).returncode == 0
             server = cls(run_script("start"), managed=True, started_here=not was_running)
-        with server._admin() as conn:
-            conn.execute(sa.text("SELECT 1"))
+        server._admin().close()
+        return server
+
+    @classmethod
+    def private(cls, data_dir: Path, port: int) -> PostgresServer:
+        """A server of one's own (e.g. for a test that stops it), removed by `close`."""
+        env = {"SAFEPATCH_PG_DIR": str(data_dir), "SAFEPATCH_PG_PORT": str(port)}
+        server = cls(run_script("start", env), managed=True, started_here=True, env=env)
         return server
 
     def _admin(self) -> sa.Connection:
@@ -65,14 +77,14 @@ class PostgresServer:
 
     def stop(self) -> None:
         assert self.managed, "only the script's own server can be stopped by a test"
-        run_script("stop")
+        run_script("stop", self.env)
 
     def start(self) -> None:
         assert self.managed
-        run_script("start")
+        run_script("start", self.env)
 
     def close(self) -> None:
         for name in list(self.created):
             self.drop_database(make_url(self.url).set(database=name).render_as_string(False))
         if self.started_here:
-            run_script("stop")
+            run_script("stop", self.env)
