@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ def private_postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer
     """A second cluster, started for this test and removed after it: stopping the shared one
     would break every other test's database. (Requesting `postgres_server` first gives it
     the same skip-or-fail rule and the installation.)"""
+    with private_cluster() as server:
+        yield server
+
+
+@contextmanager
+def private_cluster() -> Iterator[PostgresServer]:
     # not under pytest's tmp_path: as root the server runs as `postgres`, which cannot
     # traverse pytest's private directories
     data = Path(tempfile.mkdtemp(prefix="safepatch-pg-test-")) / "data"
