@@ -223,9 +223,15 @@ class PatchRegistry:
 
     async def delete(self, name: str, actor: str) -> None:
         record = self.get(name)
-        await asyncio.to_thread(self._mark_deleted, record, actor)
+        # before the write: the refresher may see the deletion before this coroutine resumes
+        retired = (record.name, record.sha256)
+        self._retired_here.add(retired)
+        try:
+            await asyncio.to_thread(self._mark_deleted, record, actor)
+        except BaseException:
+            self._retired_here.discard(retired)
+            raise
         # an uploaded patch's files are ours: gone once no request in flight needs them
-        self._retired_here.add((record.name, record.sha256))
         self.targets.retire_patch(record, remove_files=record.source == "upload")
         await self.targets.unload_retired()
 
@@ -256,11 +262,17 @@ class PatchRegistry:
     # --- database writes (blocking: from a thread) -------------------------------------
     def _mark_deleted(self, record: PatchRecord, actor: str) -> None:
         with self.catalog.writing() as conn:
-            conn.execute(
+            done = conn.execute(
                 db.patches.update()
-                .where(db.patches.c.name == record.name)
+                .where(db.patches.c.name == record.name, db.patches.c.status == "active")
                 .values(status="deleted", pinned=False, updated_at=db.utcnow())
             )
+            if done.rowcount == 0:  # another replica deleted it first
+                raise NotFound(
+                    f"safety patch '{record.name}' is not registered",
+                    param="name",
+                    code="patch_not_found",
+                )
             self.catalog.audit(conn, actor, "patch.delete", record.name, sha256=record.sha256)
 
     def _mark_pinned(self, name: str, pinned: bool, actor: str) -> None:
