@@ -128,3 +128,24 @@ def test_racing_registrations_of_one_name_have_one_winner(
             STALENESS_BOUND_S,
             lambda c=client: c.get("/admin/adapters/gamma", headers=ADMIN).is_success,
         )
+
+
+def test_deleting_one_patch_on_both_at_once_has_one_winner(replicas, patch_library: Path) -> None:
+    (a, _), (b, _) = replicas
+    assert upload(a, "gamma", adapter_files(patch_library / "gamma")).status_code == 201
+    within(STALENESS_BOUND_S, lambda: b.get("/admin/adapters/gamma", headers=ADMIN).is_success)
+    barrier = threading.Barrier(2)
+    codes: list[int] = []
+
+    def delete(client: TestClient) -> None:
+        barrier.wait()
+        codes.append(client.delete("/admin/adapters/gamma", headers=ADMIN).status_code)
+
+    threads = [threading.Thread(target=delete, args=(c,)) for c in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(codes) == [204, 404]
+    audit = a.get("/admin/audit", headers=ADMIN).json()["data"]
+    assert [e["action"] for e in audit].count("patch.delete") == 1
