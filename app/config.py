@@ -16,6 +16,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from app.db import default_replica_id
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,6 +84,12 @@ class Settings(BaseSettings):
 
     # --- orthogonality ----------------------------------------------------------------
     ortho_k: int | None = None  # None: the adapter's rank, as in the paper
+
+    # --- replicas (several servers on one database; docs/deployment.md) ---------------
+    # names this server in the audit log; hostname:pid unless set
+    replica_id: str = Field(default_factory=default_replica_id)
+    # how often the in-memory snapshot checks the database's change version (staleness bound)
+    snapshot_refresh_s: float = Field(0.25, gt=0, le=5)
 
     @field_validator("default_patches", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from app.errors import (
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
 from app.patches.scores import schedule_scoring
+from app.snapshot import Catalog
 from app.state import AppState
 from app.tenants.service import TenantService
 
@@ -104,8 +105,12 @@ async def _watch_engine(state: AppState, on_fatal: Callable[[], None]) -> None:
 def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
     model_dir = resolve_model_dir(settings)
     database = open_database(settings.resolved_database_url)
+    catalog = Catalog(
+        database, replica_id=settings.replica_id, interval_s=settings.snapshot_refresh_s
+    )
     registry = PatchRegistry(
         database,
+        catalog=catalog,
         store_dir=settings.adapters_dir,
         cache_dir=settings.cache_dir,
         model_dir=model_dir,
@@ -124,7 +129,7 @@ def build_state(settings: Settings, engine_factory: EngineFactory) -> AppState:
         model_name=model_name,
         database=database,
         registry=registry,
-        tenants=TenantService(database),
+        tenants=TenantService(database, catalog),
         metrics=metrics,
         engine=engine,
         admin_token=admin_secret(settings),
@@ -141,6 +146,9 @@ def create_app(
         state = await asyncio.to_thread(build_state, settings, engine_factory)
         app.state.safepatch = state
         starting = asyncio.create_task(_start_engine(state, app))
+        # the snapshot follows changes made through other replicas; this one unloads what
+        # they deleted
+        state.registry.catalog.start(on_change=state.registry.sync_engine)
         for record in state.registry.list():
             if record.orthogonality is None:
                 schedule_scoring(state, record.name)
@@ -151,6 +159,7 @@ def create_app(
             starting.cancel()
             for task in list(state.background):
                 task.cancel()
+            await state.registry.catalog.stop()
             await state.engine.shutdown()
             state.database.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def make_settings(tiny_model: Path, root: Path, **overrides: object) -> Settings
         model=str(tiny_model),
         adapters_dir=root / "adapters",
         cache_dir=root / "cache",
-        database_url=f"sqlite:///{root / 'safepatch.db'}",
+        database_url=settings_database_url(root),
         admin_token=ADMIN_TOKEN,
         max_model_len=256,
         max_lora_rank=32,
@@ -69,6 +70,66 @@ def make_settings(tiny_model: Path, root: Path, **overrides: object) -> Settings
     )
     values.update(overrides)
     return Settings(**values)
+
+
+# --- databases: the database-facing tests run on SQLite and on a real PostgreSQL ----------
+DATABASE_KINDS = ("sqlite", "postgresql")
+# While a module runs on PostgreSQL (tests/api/conftest.py), `make_settings` gives each test
+# root its own fresh database on this server.
+_settings_postgres: list = []
+_settings_databases: dict[Path, str] = {}
+
+
+def settings_database_url(root: Path) -> str:
+    if not _settings_postgres:
+        return f"sqlite:///{root / 'safepatch.db'}"
+    if root not in _settings_databases:
+        _settings_databases[root] = _settings_postgres[0].create_database()
+    return _settings_databases[root]
+
+
+@contextmanager
+def settings_on_postgres(server: object) -> Iterator[None]:
+    _settings_postgres.append(server)
+    try:
+        yield
+    finally:
+        _settings_postgres.clear()
+        _settings_databases.clear()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator:
+    """The test PostgreSQL server (scripts/postgres.sh starts it; installs it as root).
+
+    Unavailable is a test error, not a skip: CI must run these. Locally,
+    SAFEPATCH_TEST_POSTGRES=0 skips them with that reason."""
+    from tests.db.postgres import PostgresServer
+
+    if os.environ.get("SAFEPATCH_TEST_POSTGRES") == "0":
+        pytest.skip("SAFEPATCH_TEST_POSTGRES=0: the PostgreSQL half of the database tests is off")
+    try:
+        server = PostgresServer.connect()
+    except Exception as exc:
+        pytest.fail(
+            f"no test PostgreSQL server ({exc}); run scripts/postgres.sh start as root, or "
+            "set SAFEPATCH_TEST_POSTGRES=0 to skip these tests locally",
+            pytrace=False,
+        )
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=DATABASE_KINDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'safepatch.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
 
 
 @pytest.fixture

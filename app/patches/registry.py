@@ -3,10 +3,15 @@ of patch names becomes the one LoRA the engine serves (a stacked adapter for sev
 
 Every write validates first and commits last, so a failed registration leaves neither files
 nor rows behind. Engine side effects (pin, unload) go through the `EngineClient`.
+
+Reads (`find`, `get`, `list`, `lora_for`) come from the replica's snapshot (app.snapshot), in
+memory; writes go to the database, then reload the snapshot. The synchronous writes block on
+the database and the store: call them from a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -14,7 +19,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -26,6 +31,9 @@ from app.patches.gate import GateRule
 from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata
 from app.patches.targets import ServingTargets
 from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
+
+if TYPE_CHECKING:
+    from app.snapshot import Catalog, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +108,14 @@ class PatchRegistry:
         max_rank: int,
         max_bytes: int,
         max_stacked: int = 32,
+        catalog: Catalog | None = None,
     ) -> None:
+        from app.snapshot import Catalog
+
         self.db = database
+        self.catalog = catalog or Catalog(database)
+        # (name, weights hash) retired by this replica's own delete, with its files
+        self._retired_here: set[tuple[str, str]] = set()
         self.store_dir = store_dir.resolve()
         self.model_dir = model_dir
         self.max_rank = max_rank
@@ -112,24 +126,12 @@ class PatchRegistry:
     def engine(self) -> EngineClient | None:
         return self.targets.engine
 
-    # --- reads -----------------------------------------------------------------------
+    # --- reads (request path: memory only) -------------------------------------------
     def list(self) -> list[PatchRecord]:
-        with self.db.connect() as conn:
-            rows = conn.execute(
-                sa.select(db.patches)
-                .where(db.patches.c.status == "active")
-                .order_by(db.patches.c.name)
-            ).all()
-        return [PatchRecord.from_row(r) for r in rows]
+        return list(self.catalog.snapshot.patches.values())
 
     def find(self, name: str) -> PatchRecord | None:
-        with self.db.connect() as conn:
-            row = conn.execute(
-                sa.select(db.patches).where(
-                    db.patches.c.name == name, db.patches.c.status == "active"
-                )
-            ).first()
-        return PatchRecord.from_row(row) if row else None
+        return self.catalog.snapshot.patches.get(name)
 
     def get(self, name: str) -> PatchRecord:
         record = self.find(name)
@@ -144,7 +146,7 @@ class PatchRegistry:
         """Register every valid adapter directory in the store that the database has never
         seen (a deleted patch stays deleted). Invalid directories are logged and skipped."""
         added = []
-        with self.db.connect() as conn:
+        with db.reachable(), self.db.connect() as conn:
             rows = conn.execute(sa.select(db.patches.c.name, db.patches.c.path)).all()
         known = {r.name for r in rows}
         # a directory registered (or deleted) under another name is not seen again either
@@ -205,7 +207,12 @@ class PatchRegistry:
             if metadata:
                 (staging / "safepatch.json").write_bytes(metadata)
             self._validate(staging)
-            staging.rename(target)
+            try:  # atomic: of two replicas uploading one name, exactly one rename succeeds
+                staging.rename(target)
+            except OSError:
+                raise Conflict(
+                    f"the store already has a directory named '{name}'", param="name"
+                ) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):  # leave no empty staging dir in the store
@@ -218,13 +225,14 @@ class PatchRegistry:
 
     async def delete(self, name: str, actor: str) -> None:
         record = self.get(name)
-        with self.db.begin() as conn:
-            conn.execute(
-                db.patches.update()
-                .where(db.patches.c.name == name)
-                .values(status="deleted", pinned=False, updated_at=db.utcnow())
-            )
-            db.audit(conn, actor, "patch.delete", name, sha256=record.sha256)
+        # before the write: the refresher may see the deletion before this coroutine resumes
+        retired = (record.name, record.sha256)
+        self._retired_here.add(retired)
+        try:
+            await asyncio.to_thread(self._mark_deleted, record, actor)
+        except BaseException:
+            self._retired_here.discard(retired)
+            raise
         # an uploaded patch's files are ours: gone once no request in flight needs them
         self.targets.retire_patch(record, remove_files=record.source == "upload")
         await self.targets.unload_retired()
@@ -240,23 +248,43 @@ class PatchRegistry:
             else:  # vLLM has no unpin: unload, then load again unpinned
                 await self.engine.remove_lora(target)
                 await self.engine.add_lora(target)
-        with self.db.begin() as conn:
-            conn.execute(
-                db.patches.update()
-                .where(db.patches.c.name == name)
-                .values(pinned=pinned, updated_at=db.utcnow())
-            )
-            db.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
+        await asyncio.to_thread(self._mark_pinned, name, pinned, actor)
         return self.get(name)
 
     def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:
         """Save a background result (`orthogonality` or `evaluation`) with the patch."""
-        with self.db.begin() as conn:
+        with self.catalog.writing() as conn:
             conn.execute(
                 db.patches.update()
                 .where(db.patches.c.name == name)
                 .values({field: db.dumps(value), "updated_at": db.utcnow()})
             )
+            db.bump_version(conn)
+
+    # --- database writes (blocking: from a thread) -------------------------------------
+    def _mark_deleted(self, record: PatchRecord, actor: str) -> None:
+        with self.catalog.writing() as conn:
+            done = conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == record.name, db.patches.c.status == "active")
+                .values(status="deleted", pinned=False, updated_at=db.utcnow())
+            )
+            if done.rowcount == 0:  # another replica deleted it first
+                raise NotFound(
+                    f"safety patch '{record.name}' is not registered",
+                    param="name",
+                    code="patch_not_found",
+                )
+            self.catalog.audit(conn, actor, "patch.delete", record.name, sha256=record.sha256)
+
+    def _mark_pinned(self, name: str, pinned: bool, actor: str) -> None:
+        with self.catalog.writing() as conn:
+            conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == name)
+                .values(pinned=pinned, updated_at=db.utcnow())
+            )
+            self.catalog.audit(conn, actor, "patch.pin" if pinned else "patch.unpin", name)
 
     def _check_name(self, name: str) -> None:
         try:
@@ -310,28 +338,53 @@ class PatchRegistry:
             evaluation=db.dumps(meta.evaluation) if meta.evaluation else None,
             updated_at=now,
         )
-        with self.db.begin() as conn:
-            row = conn.execute(
-                sa.select(db.patches.c.status).where(db.patches.c.name == name)
-            ).first()
-            if row is not None and row.status == "active":
-                raise Conflict(f"safety patch '{name}' is already registered", param="name")
-            if row is None:
-                conn.execute(db.patches.insert().values(name=name, created_at=now, **values))
-            else:
-                conn.execute(db.patches.update().where(db.patches.c.name == name).values(**values))
-            db.audit(
-                conn,
-                actor,
-                "patch.register",
-                name,
-                source=source,
-                sha256=checked.weights_sha256,
-                path=str(path),
-            )
+        taken = Conflict(f"safety patch '{name}' is already registered", param="name")
+        try:
+            with self.catalog.writing() as conn:
+                row = conn.execute(
+                    sa.select(db.patches.c.status).where(db.patches.c.name == name)
+                ).first()
+                if row is not None and row.status == "active":
+                    raise taken
+                if row is None:
+                    conn.execute(db.patches.insert().values(name=name, created_at=now, **values))
+                else:  # only where it is still deleted: a racing re-registration loses
+                    done = conn.execute(
+                        db.patches.update()
+                        .where(db.patches.c.name == name, db.patches.c.status == "deleted")
+                        .values(**values)
+                    )
+                    if done.rowcount == 0:
+                        raise taken
+                self.catalog.audit(
+                    conn,
+                    actor,
+                    "patch.register",
+                    name,
+                    source=source,
+                    sha256=checked.weights_sha256,
+                    path=str(path),
+                )
+        except sa.exc.IntegrityError:  # another replica inserted this name first
+            raise taken from None
         return self.get(name)
 
     # --- serving ---------------------------------------------------------------------
+    async def sync_engine(self, old: Snapshot, new: Snapshot) -> None:
+        """After a reload (the snapshot refresher's `on_change`): retire what another replica
+        deleted or replaced, so this engine unloads it once its leases end. The files belong
+        to the replica that deleted it."""
+        for name, record in old.patches.items():
+            current = new.patches.get(name)
+            if current is not None and current.sha256 == record.sha256:
+                continue
+            key = (name, record.sha256)
+            if key in self._retired_here:
+                self._retired_here.discard(key)
+                continue
+            self.targets.retire_patch(record, remove_files=False)
+        await self.targets.unload_retired()
+
     async def lora_for(self, names: list[str]) -> LoraTarget | None:
         """The single LoRA serving exactly these patches (see app.patches.targets)."""
         return await self.targets.for_patches([self.get(n) for n in sorted(set(names))])

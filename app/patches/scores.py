@@ -40,7 +40,10 @@ async def compute_score(state: AppState, name: str, k: int | None = None) -> Any
 async def _score_and_store(state: AppState, name: str) -> None:
     try:
         score = await compute_score(state, name, state.settings.ortho_k)
-        state.registry.store_result(name, "orthogonality", score.to_dict(detail=False))
+        # a database write: off the event loop (it may wait seconds on a lost database)
+        await asyncio.to_thread(
+            state.registry.store_result, name, "orthogonality", score.to_dict(detail=False)
+        )
         state.metrics.adapter_events.labels("scored").inc()
     except Exception:  # a scoring failure must not take the server down
         logger.exception("orthogonality scoring of %s failed", name)

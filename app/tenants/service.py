@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -16,6 +15,9 @@ from sqlalchemy.engine import Engine
 from app import db
 from app.errors import BadRequest, Conflict, NotFound, Unauthorized
 from app.tenants.policy import TenantPolicy
+
+if TYPE_CHECKING:
+    from app.snapshot import Catalog
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 KEY_PREFIX = "sp-"
@@ -29,6 +31,10 @@ class Tenant:
     name: str
     policy: TenantPolicy
 
+    @classmethod
+    def from_row(cls, row: Any) -> Tenant:
+        return cls(row.id, row.name, TenantPolicy.model_validate_json(row.policy))
+
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "policy": self.policy.model_dump()}
 
@@ -39,36 +45,37 @@ def hash_key(secret: str) -> str:
 
 
 class TenantService:
-    def __init__(self, database: Engine) -> None:
-        self.db = database
+    """Reads (authenticate, get, list) come from the replica's snapshot, in memory; writes go
+    to the database, then reload the snapshot. Writes block on the database: call them from
+    a thread (`asyncio.to_thread`), never on the event loop."""
 
-    # --- authentication ----------------------------------------------------------------
+    def __init__(self, database: Engine, catalog: Catalog | None = None) -> None:
+        from app.snapshot import Catalog
+
+        self.db = database
+        self.catalog = catalog or Catalog(database)
+
+    # --- authentication (request path: memory only) -----------------------------------
     def authenticate(self, secret: str) -> Tenant:
-        digest = hash_key(secret)
-        with self.db.connect() as conn:
-            row = conn.execute(
-                sa.select(db.api_keys.c.tenant_id, db.api_keys.c.key_hash).where(
-                    db.api_keys.c.key_hash == digest, db.api_keys.c.revoked_at.is_(None)
-                )
-            ).first()
-        if row is None or not hmac.compare_digest(row.key_hash, digest):
+        # the lookup is by digest: the dict compares hashes, never the secret itself
+        snapshot = self.catalog.snapshot
+        tenant_id = snapshot.keys.get(hash_key(secret))
+        tenant = snapshot.tenants.get(tenant_id) if tenant_id else None
+        if tenant is None:
             raise Unauthorized("invalid or revoked API key")
-        return self.get(row.tenant_id)
+        return tenant
 
     # --- tenants ---------------------------------------------------------------------
     def list(self) -> list[Tenant]:
-        with self.db.connect() as conn:
-            rows = conn.execute(sa.select(db.tenants).order_by(db.tenants.c.id)).all()
-        return [self._tenant(r) for r in rows]
+        return list(self.catalog.snapshot.tenants.values())
 
     def get(self, tenant_id: str) -> Tenant:
-        with self.db.connect() as conn:
-            row = conn.execute(sa.select(db.tenants).where(db.tenants.c.id == tenant_id)).first()
-        if row is None:
+        tenant = self.catalog.snapshot.tenants.get(tenant_id)
+        if tenant is None:
             raise NotFound(
                 f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
             )
-        return self._tenant(row)
+        return tenant
 
     def create(self, tenant_id: str, name: str, policy: TenantPolicy, actor: str) -> Tenant:
         if tenant_id in RESERVED_IDS:
@@ -82,19 +89,27 @@ class TenantService:
                 code="invalid_tenant_id",
             )
         now = db.utcnow()
-        with self.db.begin() as conn:
-            if conn.execute(sa.select(db.tenants.c.id).where(db.tenants.c.id == tenant_id)).first():
-                raise Conflict(f"tenant '{tenant_id}' already exists", param="id")
-            conn.execute(
-                db.tenants.insert().values(
-                    id=tenant_id,
-                    name=name,
-                    policy=policy.model_dump_json(),
-                    created_at=now,
-                    updated_at=now,
+        taken = Conflict(f"tenant '{tenant_id}' already exists", param="id")
+        try:
+            with self.catalog.writing() as conn:
+                if conn.execute(
+                    sa.select(db.tenants.c.id).where(db.tenants.c.id == tenant_id)
+                ).first():
+                    raise taken
+                conn.execute(
+                    db.tenants.insert().values(
+                        id=tenant_id,
+                        name=name,
+                        policy=policy.model_dump_json(),
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
-            )
-            db.audit(conn, actor, "tenant.create", tenant_id, name=name, policy=policy.model_dump())
+                self.catalog.audit(
+                    conn, actor, "tenant.create", tenant_id, name=name, policy=policy.model_dump()
+                )
+        except sa.exc.IntegrityError:  # another replica created it between check and insert
+            raise taken from None
         return self.get(tenant_id)
 
     def update(
@@ -105,16 +120,23 @@ class TenantService:
         name: str | None = None,
         policy: TenantPolicy | None = None,
     ) -> Tenant:
-        before = self.get(tenant_id)
         values: dict[str, Any] = {"updated_at": db.utcnow()}
         if name is not None:
             values["name"] = name
         if policy is not None:
             values["policy"] = policy.model_dump_json()
-        with self.db.begin() as conn:
+        with self.catalog.writing() as conn:
+            # `before` from the database, in the transaction: the snapshot may lag a write
+            # made on another replica
+            row = conn.execute(sa.select(db.tenants).where(db.tenants.c.id == tenant_id)).first()
+            if row is None:
+                raise NotFound(
+                    f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
+                )
+            before = Tenant.from_row(row)
             conn.execute(db.tenants.update().where(db.tenants.c.id == tenant_id).values(values))
             if policy is not None:
-                db.audit(
+                self.catalog.audit(
                     conn,
                     actor,
                     "tenant.policy",
@@ -123,15 +145,20 @@ class TenantService:
                     after=policy.model_dump(),
                 )
             if name is not None:
-                db.audit(conn, actor, "tenant.rename", tenant_id, before=before.name, after=name)
+                self.catalog.audit(
+                    conn, actor, "tenant.rename", tenant_id, before=before.name, after=name
+                )
         return self.get(tenant_id)
 
     def delete(self, tenant_id: str, actor: str) -> None:
-        self.get(tenant_id)
-        with self.db.begin() as conn:
+        with self.catalog.writing() as conn:
             conn.execute(db.api_keys.delete().where(db.api_keys.c.tenant_id == tenant_id))
-            conn.execute(db.tenants.delete().where(db.tenants.c.id == tenant_id))
-            db.audit(conn, actor, "tenant.delete", tenant_id)
+            gone = conn.execute(db.tenants.delete().where(db.tenants.c.id == tenant_id))
+            if gone.rowcount == 0:
+                raise NotFound(
+                    f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
+                )
+            self.catalog.audit(conn, actor, "tenant.delete", tenant_id)
 
     # --- keys ------------------------------------------------------------------------
     def create_key(self, tenant_id: str, actor: str) -> dict[str, str]:
@@ -140,22 +167,28 @@ class TenantService:
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         now = db.utcnow()
-        with self.db.begin() as conn:
-            conn.execute(
-                db.api_keys.insert().values(
-                    id=key_id,
-                    tenant_id=tenant_id,
-                    key_hash=hash_key(secret),
-                    prefix=secret[:8],
-                    created_at=now,
+        try:
+            with self.catalog.writing() as conn:
+                conn.execute(
+                    db.api_keys.insert().values(
+                        id=key_id,
+                        tenant_id=tenant_id,
+                        key_hash=hash_key(secret),
+                        prefix=secret[:8],
+                        created_at=now,
+                    )
                 )
-            )
-            db.audit(conn, actor, "key.create", tenant_id, key_id=key_id)
+                self.catalog.audit(conn, actor, "key.create", tenant_id, key_id=key_id)
+        except sa.exc.IntegrityError:  # the tenant was deleted on another replica meanwhile
+            raise NotFound(
+                f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
+            ) from None
         return {"id": key_id, "tenant_id": tenant_id, "key": secret, "created_at": now}
 
     def list_keys(self, tenant_id: str) -> list[dict[str, str | None]]:
+        """Admin read, from the database (key metadata is not in the snapshot)."""
         self.get(tenant_id)
-        with self.db.connect() as conn:
+        with db.reachable(), self.db.connect() as conn:
             rows = conn.execute(
                 sa.select(db.api_keys)
                 .where(db.api_keys.c.tenant_id == tenant_id)
@@ -167,7 +200,7 @@ class TenantService:
         ]
 
     def revoke_key(self, tenant_id: str, key_id: str, actor: str) -> None:
-        with self.db.begin() as conn:
+        with self.catalog.writing() as conn:
             done = conn.execute(
                 db.api_keys.update()
                 .where(
@@ -183,11 +216,11 @@ class TenantService:
                     param="key_id",
                     code="key_not_found",
                 )
-            db.audit(conn, actor, "key.revoke", tenant_id, key_id=key_id)
+            self.catalog.audit(conn, actor, "key.revoke", tenant_id, key_id=key_id)
 
     # --- audit -----------------------------------------------------------------------
     def audit_log(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        with self.db.connect() as conn:
+        with db.reachable(), self.db.connect() as conn:
             rows = conn.execute(
                 sa.select(db.audit_log)
                 .order_by(db.audit_log.c.id.desc())
@@ -202,10 +235,7 @@ class TenantService:
                 "action": r.action,
                 "target": r.target,
                 "detail": json.loads(r.detail),
+                "replica": r.replica,
             }
             for r in rows
         ]
-
-    @staticmethod
-    def _tenant(row: Any) -> Tenant:
-        return Tenant(row.id, row.name, TenantPolicy.model_validate_json(row.policy))

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, DATABASE_KINDS, settings_on_postgres
 from tests.support.fake_engine import FakeEngine
 
 BASE = "tiny"  # the served name of the tiny model (its directory name)
@@ -27,8 +27,9 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def scoring_calls() -> Iterator[list[str]]:
-    """Names the app asked to score; no scoring thread runs."""
+def scoring_calls(api_database: str) -> Iterator[list[str]]:
+    """Names the app asked to score; no scoring thread runs. (It depends on `api_database` so
+    that the module-scoped apps built on it are built again for each database.)"""
     import app.api.routes.admin_adapters as admin_adapters
     import app.main as main
 
@@ -40,6 +41,25 @@ def scoring_calls() -> Iterator[list[str]]:
 
 
 NO_SCORING = pytest.mark.usefixtures("scoring_calls")
+
+# The database-facing API modules: each runs once on SQLite and once on PostgreSQL.
+DATABASE_MODULES = ("test_tenants", "test_admin_adapters")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in DATABASE_MODULES:
+        metafunc.parametrize("api_database", DATABASE_KINDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def api_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which database `make_settings` gives this module's apps (SQLite unless parametrised)."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        yield kind
+        return
+    with settings_on_postgres(request.getfixturevalue("postgres_server")):
+        yield kind
 
 
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:

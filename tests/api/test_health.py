@@ -34,7 +34,9 @@ def test_ready_is_503_while_loading_then_200(settings: Settings) -> None:
             seen.append(response.json()["status"])
         assert set(seen) <= {"loading"}
         assert engine.is_ready
-        assert response.json() == {"status": "ready", "model": "tiny"}
+        body = response.json()
+        assert {k: body[k] for k in ("status", "model")} == {"status": "ready", "model": "tiny"}
+        assert body["database"]["state"] == "ok"
 
 
 def test_ready_is_503_once_draining_starts(settings: Settings) -> None:

@@ -1,7 +1,13 @@
-"""Admin API for the patch registry: list, inspect, register (path or upload), delete, pin."""
+"""Admin API for the patch registry: list, inspect, register (path or upload), delete, pin.
+
+Reads come from the replica's snapshot; registration (validation reads the weights) and the
+database writes run in a worker thread, never on the event loop. With the database down,
+writes answer 503 `database_unavailable`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -75,8 +81,13 @@ async def _read_upload(request: Request, state: State, actor: str):
         raise BadRequest(
             f"upload is missing {', '.join(missing)}", param="files", code="missing_files"
         )
-    return state.registry.register_upload(
-        name, files[CONFIG_FILE], files[WEIGHTS_FILE], actor, metadata=files.get(METADATA_FILE)
+    return await asyncio.to_thread(
+        state.registry.register_upload,
+        name,
+        files[CONFIG_FILE],
+        files[WEIGHTS_FILE],
+        actor,
+        metadata=files.get(METADATA_FILE),
     )
 
 
@@ -93,7 +104,7 @@ async def register_adapter(request: Request, state: State, actor: Admin) -> dict
                 f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
                 code="invalid_body",
             ) from None
-        record = state.registry.register_path(body.name, body.path, actor)
+        record = await asyncio.to_thread(state.registry.register_path, body.name, body.path, actor)
     state.metrics.adapter_events.labels("registered").inc()
     schedule_scoring(state, record.name)
     return _detail(state, record.name)

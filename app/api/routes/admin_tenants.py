@@ -1,7 +1,13 @@
-"""Admin API for tenants, their keys and policies, and the audit log."""
+"""Admin API for tenants, their keys and policies, and the audit log.
+
+Reads of tenants come from the replica's snapshot; writes, key listings and the audit log
+touch the database, in a worker thread (`asyncio.to_thread`), never on the event loop. With
+the database down they answer 503 `database_unavailable`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
@@ -44,12 +50,16 @@ async def list_tenants(state: State, _: Admin) -> dict[str, Any]:
 @router.post("/tenants", status_code=201)
 async def create_tenant(body: TenantCreate, state: State, actor: Admin) -> dict[str, Any]:
     policy = _check_policy(state, body.policy)
-    return state.tenants.create(body.id, body.name or body.id, policy, actor).public()
+    tenant = await asyncio.to_thread(
+        state.tenants.create, body.id, body.name or body.id, policy, actor
+    )
+    return tenant.public()
 
 
 @router.get("/tenants/{tenant_id}")
 async def get_tenant(tenant_id: str, state: State, _: Admin) -> dict[str, Any]:
-    return {**state.tenants.get(tenant_id).public(), "keys": state.tenants.list_keys(tenant_id)}
+    keys = await asyncio.to_thread(state.tenants.list_keys, tenant_id)
+    return {**state.tenants.get(tenant_id).public(), "keys": keys}
 
 
 @router.patch("/tenants/{tenant_id}")
@@ -57,12 +67,15 @@ async def update_tenant(
     tenant_id: str, body: TenantUpdate, state: State, actor: Admin
 ) -> dict[str, Any]:
     policy = _check_policy(state, body.policy) if body.policy else None
-    return state.tenants.update(tenant_id, actor, name=body.name, policy=policy).public()
+    tenant = await asyncio.to_thread(
+        state.tenants.update, tenant_id, actor, name=body.name, policy=policy
+    )
+    return tenant.public()
 
 
 @router.delete("/tenants/{tenant_id}", status_code=204)
 async def delete_tenant(tenant_id: str, state: State, actor: Admin) -> Response:
-    state.tenants.delete(tenant_id, actor)
+    await asyncio.to_thread(state.tenants.delete, tenant_id, actor)
     return Response(status_code=204)
 
 
@@ -71,22 +84,23 @@ async def put_policy(
     tenant_id: str, body: TenantPolicy, state: State, actor: Admin
 ) -> dict[str, Any]:
     policy = _check_policy(state, body)
-    return state.tenants.update(tenant_id, actor, policy=policy).public()
+    tenant = await asyncio.to_thread(state.tenants.update, tenant_id, actor, policy=policy)
+    return tenant.public()
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
 async def create_key(tenant_id: str, state: State, actor: Admin) -> dict[str, str]:
-    return state.tenants.create_key(tenant_id, actor)
+    return await asyncio.to_thread(state.tenants.create_key, tenant_id, actor)
 
 
 @router.get("/tenants/{tenant_id}/keys")
 async def list_keys(tenant_id: str, state: State, _: Admin) -> dict[str, Any]:
-    return {"object": "list", "data": state.tenants.list_keys(tenant_id)}
+    return {"object": "list", "data": await asyncio.to_thread(state.tenants.list_keys, tenant_id)}
 
 
 @router.delete("/tenants/{tenant_id}/keys/{key_id}", status_code=204)
 async def revoke_key(tenant_id: str, key_id: str, state: State, actor: Admin) -> Response:
-    state.tenants.revoke_key(tenant_id, key_id, actor)
+    await asyncio.to_thread(state.tenants.revoke_key, tenant_id, key_id, actor)
     return Response(status_code=204)
 
 
@@ -94,4 +108,7 @@ async def revoke_key(tenant_id: str, key_id: str, state: State, actor: Admin) ->
 async def audit(
     state: State, _: Admin, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
 ) -> dict[str, Any]:
-    return {"object": "list", "data": state.tenants.audit_log(limit, offset)}
+    return {
+        "object": "list",
+        "data": await asyncio.to_thread(state.tenants.audit_log, limit, offset),
+    }

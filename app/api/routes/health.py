@@ -21,13 +21,17 @@ async def health(state: State) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(state: State) -> JSONResponse:
+    """Serving readiness. The database is reported, not required: with it down, /v1 is
+    served from the snapshot (admin writes answer 503), so the replica stays in rotation."""
     if state.engine_failed:
         return JSONResponse({"status": "failed"}, status_code=503)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not state.engine.is_ready:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": state.model_name})
+    return JSONResponse(
+        {"status": "ready", "model": state.model_name, "database": state.registry.catalog.status()}
+    )
 
 
 @router.get("/metrics")
