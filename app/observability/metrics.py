@@ -66,6 +66,11 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.leases_held = Gauge(
+            "safepatch_lora_leases",
+            "Requests in flight holding a LoRA (0 when idle: nothing leaked)",
+            registry=self.registry,
+        )
         self.engine_ready = Gauge(
             "safepatch_engine_ready", "1 when the engine serves", registry=self.registry
         )

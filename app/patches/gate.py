@@ -55,8 +55,8 @@ class GateRule:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> GateRule:
         values = dict(meta.get("gate") or {})
-        if "openings" in values:
-            values["openings"] = tuple(normalise(o) for o in values["openings"])
+        if "openings" in values:  # an empty opening would match every probe: dropped
+            values["openings"] = tuple(o for o in map(normalise, values["openings"]) if o)
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def fires(self, probe_text: str) -> bool:
