@@ -235,11 +235,8 @@ class PatchRegistry:
             # the LoRA that really serves this patch (a folded copy for serve_folded ones);
             # engine first, so a refusal (no free slot) leaves the database unchanged
             target = await self.targets.for_patches([record])
-            if pinned:
-                await self.engine.pin_lora(target)
-            else:  # vLLM has no unpin: unload, then load again unpinned
-                await self.engine.remove_lora(target)
-                await self.engine.add_lora(target)
+            assert target is not None  # one patch
+            await self.targets.set_pinned(target, pinned)
         with self.db.begin() as conn:
             conn.execute(
                 db.patches.update()

@@ -1,0 +1,76 @@
+"""A fake engine for the reliability tests: records every LoRA load/unload/pin, yields to the
+event loop inside each call (as vLLM's do: they cross a process boundary) and can be told to
+fail some of them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
+from tests.support.fake_engine import FakeEngine
+
+
+class EngineFault(RuntimeError):
+    """What the recording engine raises for an injected failure."""
+
+
+class RecordingEngine(FakeEngine):
+    """`yields`: event-loop turns taken inside each LoRA call (0: none, like FakeEngine).
+    `fail_rate`: probability that a LoRA call raises EngineFault (with `rng`), before any
+    change. `log` holds ('add'|'remove'|'pin', int_id) for every call that took effect."""
+
+    def __init__(
+        self,
+        *,
+        yields: int = 2,
+        fail_rate: float = 0.0,
+        rng: random.Random | None = None,
+        token_delay: float = 0.0,
+    ) -> None:
+        super().__init__(token_delay=token_delay)
+        self.ready = True
+        self.yields = yields
+        self.fail_rate = fail_rate
+        self.rng = rng or random.Random(0)
+        self.log: list[tuple[str, int]] = []
+        self.in_call = 0  # LoRA calls in progress right now
+        self.max_in_call = 0  # the most that were ever in progress at once
+
+    async def _call(self, op: str, lora: LoraTarget) -> None:
+        self.in_call += 1
+        self.max_in_call = max(self.max_in_call, self.in_call)
+        try:
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+            if self.fail_rate and self.rng.random() < self.fail_rate:
+                raise EngineFault(f"injected {op} failure for LoRA {lora.int_id}")
+            self.log.append((op, lora.int_id))
+        finally:
+            self.in_call -= 1
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        request_id: str,
+        lora: LoraTarget | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        if lora is not None:  # vLLM loads a request's LoRA on demand, at its first step
+            self.loaded[lora.int_id] = lora
+            self.log.append(("serve", lora.int_id))
+        async for chunk in super().generate(prompt_token_ids, sampling, request_id, lora):
+            yield chunk
+
+    async def add_lora(self, lora: LoraTarget) -> None:
+        await self._call("add", lora)
+        await super().add_lora(lora)
+
+    async def remove_lora(self, lora: LoraTarget) -> None:
+        await self._call("remove", lora)
+        await super().remove_lora(lora)
+
+    async def pin_lora(self, lora: LoraTarget) -> None:
+        await self._call("pin", lora)
+        await super().pin_lora(lora)
