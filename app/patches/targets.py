@@ -53,8 +53,9 @@ class ServingTargets:
         self.on_event: Callable[[str], None] = lambda event: None  # metrics hook
         self.engine_lock = asyncio.Lock()  # held by every engine LoRA call (see `exclusive`)
         self._new_id = itertools.count(1)
-        self._ids: dict[tuple[str, str], int] = {}  # (name, weights hash) -> live lora_int_id
-        self._key_of: dict[int, tuple[str, str]] = {}  # the reverse, for retiring
+        # (name, weights hash) -> the live LoRA for it, and the reverse: what new requests get
+        self._ids: dict[tuple[str, str], LoraTarget] = {}
+        self._live: dict[int, tuple[str, str]] = {}
         self._stacked: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU of combinations
         self._build_locks: dict[str, asyncio.Lock] = {}  # one build per combination
         self._building: Counter[str] = Counter()  # builds waiting on or holding each lock
@@ -65,17 +66,18 @@ class ServingTargets:
         self._retired: dict[int, tuple[LoraTarget, bool]] = {}
         self._unloaded: set[int] = set()  # retired ids already out of the engine
         self._unload_task: asyncio.Task[None] | None = None
+        self.retry_s = 1.0  # a failed unload is tried again after this long (or sooner)
 
     # --- resolving -------------------------------------------------------------------
-    def _int_id(self, name: str, digest: str) -> int:
-        key = (name, digest)
+    def _target(self, key: tuple[str, str], name: str, path: Path) -> LoraTarget:
+        """The live LoRA for `key`; a fresh id once the previous one was retired."""
         if key not in self._ids:
-            self._ids[key] = int_id = next(self._new_id)
-            self._key_of[int_id] = key
+            target = LoraTarget(name, next(self._new_id), path)
+            self._ids[key], self._live[target.int_id] = target, key
         return self._ids[key]
 
     def single(self, patch: PatchLike) -> LoraTarget:
-        return LoraTarget(patch.name, self._int_id(patch.name, patch.sha256), patch.path)
+        return self._target((patch.name, patch.sha256), patch.name, patch.path)
 
     async def for_patches(self, patches: Sequence[PatchLike]) -> LoraTarget | None:
         """The LoRA serving exactly `patches` (sorted by name): none, the patch, or a stack.
@@ -105,7 +107,10 @@ class ServingTargets:
             self._refuse_deleted(patches, deletions)  # the likelier cause of a failed build
             raise
         self._refuse_deleted(patches, deletions)
-        target = LoraTarget(key, self._int_id(disk_name, disk_name), self.stack_dir / disk_name)
+        target = self._target((disk_name, disk_name), key, self.stack_dir / disk_name)
+        replaced = self._stacked.get(key)
+        if replaced is not None and replaced != target:  # same patches, other weights
+            self.retire(replaced)
         self._stacked[key] = target
         while len(self._stacked) > self.max_stacked:
             # Unloaded from the engine, files kept: a request that resolved this stack but has
@@ -200,8 +205,8 @@ class ServingTargets:
     def retire(self, target: LoraTarget, remove_files: bool = False) -> None:
         """Never serve `target` to a new request again; unload it (and delete its files if
         `remove_files`) once no lease holds it. Idempotent."""
-        key = self._key_of.pop(target.int_id, None)
-        if key is not None and self._ids.get(key) == target.int_id:
+        key = self._live.pop(target.int_id, None)
+        if key is not None:
             del self._ids[key]
         for stack_key in [k for k, t in self._stacked.items() if t.int_id == target.int_id]:
             del self._stacked[stack_key]
@@ -211,15 +216,22 @@ class ServingTargets:
         self._retired[target.int_id] = (target, remove_files or bool(earlier and earlier[1]))
         self._schedule_unload()
 
+    def evict_stacks(self) -> int:
+        """Retire every cached stack (files kept: the next request rebuilds nothing)."""
+        stacks = list(self._stacked.values())
+        for target in stacks:
+            self.retire(target)
+            self.on_event("evicted")
+        return len(stacks)
+
     def retire_patch(self, patch: PatchLike, remove_files: bool = False) -> None:
         """A deleted patch: retire it and every cached stack that contains it."""
         self._deletions[patch.name] += 1
         for key in [k for k in self._stacked if patch.name in k.split("+")]:
             self.retire(self._stacked[key], remove_files=True)
         key = (patch.name, patch.sha256)
-        int_id = self._ids.get(key)
-        if int_id is not None:
-            self.retire(LoraTarget(patch.name, int_id, patch.path), remove_files)
+        if key in self._ids:
+            self.retire(self._ids[key], remove_files)
         elif remove_files:  # never served: nothing to unload, only its files
             remove_dir(patch.path)
 
@@ -230,9 +242,13 @@ class ServingTargets:
         async with self.engine_lock:
             yield
 
+    def live_targets(self) -> list[LoraTarget]:
+        """The LoRAs new requests may still be given (patches and stacks not retired)."""
+        return list(self._ids.values())
+
     def is_live(self, target: LoraTarget) -> bool:
         """Whether `target` may still be served to new requests (not retired)."""
-        return target.int_id in self._key_of
+        return target.int_id in self._live
 
     async def set_pinned(self, target: LoraTarget, pinned: bool) -> None:
         """Pin `target` in the engine (loaded, never evicted) or unpin it, as the one owner of
@@ -291,6 +307,7 @@ class ServingTargets:
                 except Exception as exc:
                     logger.warning("unloading LoRA %s failed (retried later): %s", target.name, exc)
                     failed.add(int_id)
+                    asyncio.get_running_loop().call_later(self.retry_s, self._schedule_unload)
                     continue
                 self.on_event("unloaded")
             if self._leases.get(int_id):  # leased while unloading: it goes again after that

@@ -18,14 +18,16 @@ class EngineFault(RuntimeError):
 
 class RecordingEngine(FakeEngine):
     """`yields`: event-loop turns taken inside each LoRA call (0: none, like FakeEngine).
-    `fail_rate`: probability that a LoRA call raises EngineFault (with `rng`), before any
-    change. `log` holds ('add'|'remove'|'pin', int_id) for every call that took effect."""
+    `fail_rate`: probability that a LoRA call named in `fail_ops` raises EngineFault (drawn
+    from `rng`), before any change. `log` holds ('add'|'remove'|'pin'|'serve', int_id) for
+    every call that took effect."""
 
     def __init__(
         self,
         *,
         yields: int = 2,
         fail_rate: float = 0.0,
+        fail_ops: tuple[str, ...] = ("add", "remove", "pin"),
         rng: random.Random | None = None,
         token_delay: float = 0.0,
     ) -> None:
@@ -33,6 +35,7 @@ class RecordingEngine(FakeEngine):
         self.ready = True
         self.yields = yields
         self.fail_rate = fail_rate
+        self.fail_ops = fail_ops
         self.rng = rng or random.Random(0)
         self.log: list[tuple[str, int]] = []
         self.in_call = 0  # LoRA calls in progress right now
@@ -44,11 +47,17 @@ class RecordingEngine(FakeEngine):
         try:
             for _ in range(self.yields):
                 await asyncio.sleep(0)
-            if self.fail_rate and self.rng.random() < self.fail_rate:
+            if op in self.fail_ops and self.fail_rate and self.rng.random() < self.fail_rate:
                 raise EngineFault(f"injected {op} failure for LoRA {lora.int_id}")
             self.log.append((op, lora.int_id))
         finally:
             self.in_call -= 1
+
+    def serve(self, lora: LoraTarget | None) -> None:
+        """What vLLM does at a request's first step: load its LoRA if it is not loaded."""
+        if lora is not None:
+            self.loaded[lora.int_id] = lora
+            self.log.append(("serve", lora.int_id))
 
     async def generate(
         self,
@@ -57,9 +66,7 @@ class RecordingEngine(FakeEngine):
         request_id: str,
         lora: LoraTarget | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        if lora is not None:  # vLLM loads a request's LoRA on demand, at its first step
-            self.loaded[lora.int_id] = lora
-            self.log.append(("serve", lora.int_id))
+        self.serve(lora)
         async for chunk in super().generate(prompt_token_ids, sampling, request_id, lora):
             yield chunk
 
