@@ -66,6 +66,8 @@ class ServingTargets:
         self._retired: dict[int, tuple[LoraTarget, bool]] = {}
         self._unloaded: set[int] = set()  # retired ids already out of the engine
         self._unload_task: asyncio.Task[None] | None = None
+        # registered patches whose files were found damaged at start-up -> why (not served)
+        self.damaged: dict[str, str] = {}
         self.retry_s = 1.0  # a failed unload is tried again after this long (or sooner)
 
     # --- resolving -------------------------------------------------------------------
@@ -84,6 +86,12 @@ class ServingTargets:
         Take its lease (`acquire`/`lease`) with no await in between."""
         if not patches:
             return None
+        for patch in patches:
+            if patch.name in self.damaged:
+                raise Unavailable(
+                    f"safety patch '{patch.name}' cannot be served: {self.damaged[patch.name]}",
+                    code="patch_unavailable",
+                )
         if len(patches) == 1 and not patches[0].meta.get("serve_folded"):
             return self.single(patches[0])
         key = "+".join(p.name for p in patches)
@@ -227,6 +235,7 @@ class ServingTargets:
     def retire_patch(self, patch: PatchLike, remove_files: bool = False) -> None:
         """A deleted patch: retire it and every cached stack that contains it."""
         self._deletions[patch.name] += 1
+        self.damaged.pop(patch.name, None)  # a later registration under the name is checked anew
         for key in [k for k in self._stacked if patch.name in k.split("+")]:
             self.retire(self._stacked[key], remove_files=True)
         key = (patch.name, patch.sha256)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 
 from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
 from tests.support.fake_engine import FakeEngine
@@ -39,19 +40,24 @@ class RecordingEngine(FakeEngine):
         self.rng = rng or random.Random(0)
         self.log: list[tuple[str, int]] = []
         self.in_call = 0  # LoRA calls in progress right now
+        self.busy: Counter[int] = Counter()  # lora_int_id -> its calls in progress
         self.max_in_call = 0  # the most that were ever in progress at once
 
-    async def _call(self, op: str, lora: LoraTarget) -> None:
+    async def _call(self, op: str, lora: LoraTarget, effect: Callable[[], None]) -> None:
+        """Yield, maybe fail, then apply `effect`; `busy` covers the whole call."""
         self.in_call += 1
+        self.busy[lora.int_id] += 1
         self.max_in_call = max(self.max_in_call, self.in_call)
         try:
             for _ in range(self.yields):
                 await asyncio.sleep(0)
             if op in self.fail_ops and self.fail_rate and self.rng.random() < self.fail_rate:
                 raise EngineFault(f"injected {op} failure for LoRA {lora.int_id}")
+            effect()
             self.log.append((op, lora.int_id))
         finally:
             self.in_call -= 1
+            self.busy[lora.int_id] -= 1
 
     def serve(self, lora: LoraTarget | None) -> None:
         """What vLLM does at a request's first step: load its LoRA if it is not loaded."""
@@ -71,13 +77,21 @@ class RecordingEngine(FakeEngine):
             yield chunk
 
     async def add_lora(self, lora: LoraTarget) -> None:
-        await self._call("add", lora)
-        await super().add_lora(lora)
+        def load() -> None:
+            self.loaded[lora.int_id] = lora
+
+        await self._call("add", lora, load)
 
     async def remove_lora(self, lora: LoraTarget) -> None:
-        await self._call("remove", lora)
-        await super().remove_lora(lora)
+        def unload() -> None:
+            self.loaded.pop(lora.int_id, None)  # vLLM: removing an absent LoRA is a no-op
+            self.pinned.discard(lora.int_id)
+
+        await self._call("remove", lora, unload)
 
     async def pin_lora(self, lora: LoraTarget) -> None:
-        await self._call("pin", lora)
-        await super().pin_lora(lora)
+        def pin() -> None:
+            self.loaded[lora.int_id] = lora
+            self.pinned.add(lora.int_id)
+
+        await self._call("pin", lora, pin)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -11,10 +13,21 @@ from app.api.deps import Admin, State
 from app.errors import BadRequest, Conflict
 from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from app.patches.scores import schedule_scoring
+from app.patches.storage import storage_error
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"])
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@contextmanager
+def storage_faults(doing: str) -> Iterator[None]:
+    """An OSError that escaped the registry's own handling (a spooled upload on a full /tmp,
+    an unreadable store) as an OpenAI-shaped 5xx naming it, not a bare 500."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, doing) from exc
 
 
 class RegisterFromPath(BaseModel):
@@ -83,17 +96,18 @@ async def _read_upload(request: Request, state: State, actor: str):
 @router.post("", status_code=201)
 async def register_adapter(request: Request, state: State, actor: Admin) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        record = await _read_upload(request, state, actor)
-    else:
-        try:
-            body = RegisterFromPath.model_validate_json(await request.body())
-        except ValueError as exc:
-            raise BadRequest(
-                f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
-                code="invalid_body",
-            ) from None
-        record = state.registry.register_path(body.name, body.path, actor)
+    with storage_faults("registering the adapter"):
+        if content_type.startswith("multipart/form-data"):
+            record = await _read_upload(request, state, actor)
+        else:
+            try:
+                body = RegisterFromPath.model_validate_json(await request.body())
+            except ValueError as exc:
+                raise BadRequest(
+                    f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
+                    code="invalid_body",
+                ) from None
+            record = state.registry.register_path(body.name, body.path, actor)
     state.metrics.adapter_events.labels("registered").inc()
     schedule_scoring(state, record.name)
     return _detail(state, record.name)
@@ -109,7 +123,8 @@ async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
             param="name",
             code="patch_in_use",
         )
-    await state.registry.delete(name, actor)
+    with storage_faults(f"deleting adapter '{name}'"):
+        await state.registry.delete(name, actor)
     state.metrics.adapter_events.labels("deleted").inc()
     return Response(status_code=204)
 
