@@ -93,7 +93,31 @@ async def _read_upload(request: Request, state: State, actor: str):
     )
 
 
-@router.post("", status_code=201)
+# The handler reads the body itself (JSON or multipart); this documents both for clients and
+# for schema-driven tests (tests/reliability/test_api_fuzz.py).
+REGISTER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": RegisterFromPath.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "config", "weights"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "config": {"type": "string", "format": "binary"},
+                        "weights": {"type": "string", "format": "binary"},
+                        "metadata": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=REGISTER_BODY)
 async def register_adapter(request: Request, state: State, actor: Admin) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "")
     with storage_faults("registering the adapter"):
