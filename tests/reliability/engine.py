@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from app.engine.types import GenerationChunk, LoraTarget, SamplingSpec
+from app.engine.types import LoraTarget
 from tests.support.fake_engine import FakeEngine
 
 
@@ -60,21 +60,11 @@ class RecordingEngine(FakeEngine):
             self.busy[lora.int_id] -= 1
 
     def serve(self, lora: LoraTarget | None) -> None:
-        """What vLLM does at a request's first step: load its LoRA if it is not loaded."""
+        """What a request does before it reaches the engine (SafePatch's front calls the
+        idempotent add_lora): its LoRA is loaded, here at once."""
         if lora is not None:
             self.loaded[lora.int_id] = lora
             self.log.append(("serve", lora.int_id))
-
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        request_id: str,
-        lora: LoraTarget | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        self.serve(lora)
-        async for chunk in super().generate(prompt_token_ids, sampling, request_id, lora):
-            yield chunk
 
     async def add_lora(self, lora: LoraTarget) -> None:
         def load() -> None:

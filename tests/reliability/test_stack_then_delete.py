@@ -23,7 +23,7 @@ def test_delete_the_second_patch_of_a_served_stack(tiny_model: Path, store: Path
         for patches in (["alpha", "beta"], ["beta"], ["alpha"]):
             response = chat(client, safety_patches=patches)
             assert response.status_code == 200, response.text
-        served = {lora.name: lora.int_id for _, _, lora in engine.calls if lora}
+        served = {lora.name: lora.int_id for _, lora in engine.calls if lora}
         assert set(served) == {"alpha+beta", "alpha", "beta"}
 
         response = client.delete("/admin/adapters/beta", headers=ADMIN)

@@ -160,7 +160,7 @@ def test_a_full_disk_while_building_a_stack_is_507_and_serving_goes_on(
         assert chat(client, safety_patches=["alpha"]).status_code == 200
         monkeypatch.setattr(targets_module, "combine_adapters", real)
         assert chat(client, safety_patches=["alpha", "beta"]).status_code == 200
-        assert engine.calls[-1][2].name == "alpha+beta"
+        assert engine.calls[-1][1].name == "alpha+beta"
 
 
 # --- start-up ---------------------------------------------------------------------------------
