@@ -81,7 +81,8 @@ async def _start_engine(state: AppState, app: FastAPI) -> None:
     state.metrics.engine_ready.set(1)
     for record in state.registry.list():
         if record.pinned:
-            await state.engine.pin_lora(await state.registry.targets.for_patches([record]))
+            target = await state.registry.targets.for_patches([record])
+            await state.registry.targets.set_pinned(target, True)  # serialised with unloads
             state.metrics.adapter_events.labels("loaded").inc()
     await _watch_engine(state, on_fatal)
 

@@ -139,6 +139,8 @@ def read_header(adapter_dir: Path) -> HeaderInfo:
         with safe_open(str(path), framework="pt") as fh:
             slices = {key: fh.get_slice(key) for key in fh.keys()}  # noqa: SIM118 - not a mapping
             meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+    except OSError:  # the disk failed, not the file's format: the caller reports a storage fault
+        raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise LoraFormatError(
             f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}",

@@ -28,7 +28,9 @@ from app import db
 from app.engine.types import EngineClient, LoraTarget
 from app.errors import BadRequest, Conflict, NotFound
 from app.patches.gate import GateRule
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata
+from app.patches.lora_io import LoraFormatError, read_checked
+from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata, weights_sha256
+from app.patches.storage import remove_dir, storage_error
 from app.patches.targets import ServingTargets
 from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
 
@@ -93,6 +95,20 @@ class PatchRecord:
         }
 
 
+def _damage(record: PatchRecord) -> str | None:
+    """Why a registered patch's files cannot be served as registered, or None: missing or
+    unreadable files, a config or header that no longer parses, other weights than registered."""
+    try:
+        read_checked(record.path)
+        if weights_sha256(record.path) != record.sha256:
+            return f"{WEIGHTS_FILE} changed since registration (sha256 differs)"
+    except LoraFormatError as exc:
+        return exc.message
+    except OSError as exc:
+        return f"cannot read its files: {exc.strerror or exc}"
+    return None
+
+
 def _validation_to_api(exc: AdapterValidationError) -> BadRequest:
     return BadRequest(str(exc.message), param=exc.param, code=exc.code)
 
@@ -144,33 +160,46 @@ class PatchRegistry:
     # --- writes ----------------------------------------------------------------------
     def scan_store(self) -> list[str]:
         """Register every valid adapter directory in the store that the database has never
-        seen (a deleted patch stays deleted). Invalid directories are logged and skipped."""
+        seen (a deleted patch stays deleted). Invalid directories are logged and skipped; a
+        registered patch whose files are damaged or gone is logged and not served (503) until
+        they are restored (then restart) or it is deleted."""
         added = []
         with db.reachable(), self.db.connect() as conn:
             rows = conn.execute(sa.select(db.patches.c.name, db.patches.c.path)).all()
         known = {r.name for r in rows}
         # a directory registered (or deleted) under another name is not seen again either
         known_paths = {str(Path(r.path).resolve()) for r in rows}
-        for record in self.list():  # `safepatch eval` writes its report beside the weights
-            try:
-                on_disk = PatchMetadata.read(record.path) if record.path.is_dir() else None
-            except ValueError:
+        for record in self.list():
+            damage = _damage(record)
+            if damage:
+                logger.error("safety patch %s is not served: %s", record.name, damage)
+                self.targets.damaged[record.name] = damage
+                continue
+            try:  # `safepatch eval` writes its report beside the weights
+                on_disk = PatchMetadata.read(record.path)
+            except (OSError, ValueError):
                 continue
             if on_disk and on_disk.evaluation and on_disk.evaluation != record.evaluation:
                 self.store_result(record.name, "evaluation", on_disk.evaluation)
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
-            if (
-                path.name in known
-                or str(path.resolve()) in known_paths
-                or not path.resolve().is_relative_to(self.store_dir)  # no symlinks out
-                or not (path / CONFIG_FILE).is_file()
-            ):
+            if path.name.startswith("."):  # upload staging, directories being deleted
                 continue
             try:
+                if (
+                    path.name in known
+                    or str(path.resolve()) in known_paths
+                    or not path.resolve().is_relative_to(self.store_dir)  # no symlinks out
+                ):
+                    continue
+                if not (path / CONFIG_FILE).is_file():
+                    logger.warning("skipping %s in the store: no %s", path, CONFIG_FILE)
+                    continue
                 self._insert(path.name, path, source="scan", actor="startup-scan")
                 added.append(path.name)
             except (BadRequest, Conflict) as exc:
                 logger.warning("skipping adapter %s in the store: %s", path, exc.message)
+            except OSError as exc:
+                logger.warning("skipping adapter %s in the store: %s", path, exc)
         return added
 
     def register_path(self, name: str, path: str, actor: str) -> PatchRecord:
@@ -200,28 +229,33 @@ class PatchRegistry:
         if target.exists():
             raise Conflict(f"the store already has a directory named '{name}'", param="name")
         staging = self.store_dir / INCOMING / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        try:
-            (staging / CONFIG_FILE).write_bytes(config)
-            (staging / WEIGHTS_FILE).write_bytes(weights)
-            if metadata:
-                (staging / "safepatch.json").write_bytes(metadata)
-            self._validate(staging)
-            try:  # atomic: of two replicas uploading one name, exactly one rename succeeds
-                staging.rename(target)
-            except OSError:
-                raise Conflict(
-                    f"the store already has a directory named '{name}'", param="name"
-                ) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(OSError):  # leave no empty staging dir in the store
-                staging.parent.rmdir()
-        try:
-            return self._insert(name, target, source="upload", actor=actor)
-        except Exception:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
+        try:  # a full disk or unwritable store: a 5xx naming it, and nothing left behind
+            staging.mkdir(parents=True)
+            try:
+                (staging / CONFIG_FILE).write_bytes(config)
+                (staging / WEIGHTS_FILE).write_bytes(weights)
+                if metadata:
+                    (staging / "safepatch.json").write_bytes(metadata)
+                self._validate(staging)
+                try:  # atomic: of two replicas uploading one name, exactly one rename succeeds
+                    staging.rename(target)
+                except OSError as exc:
+                    if not target.exists():
+                        raise
+                    raise Conflict(
+                        f"the store already has a directory named '{name}'", param="name"
+                    ) from exc
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                with contextlib.suppress(OSError):  # leave no empty staging dir in the store
+                    staging.parent.rmdir()
+            try:
+                return self._insert(name, target, source="upload", actor=actor)
+            except BaseException:
+                remove_dir(target)
+                raise
+        except OSError as exc:
+            raise storage_error(exc, f"storing adapter '{name}'") from exc
 
     async def delete(self, name: str, actor: str) -> None:
         record = self.get(name)
@@ -243,11 +277,8 @@ class PatchRegistry:
             # the LoRA that really serves this patch (a folded copy for serve_folded ones);
             # engine first, so a refusal (no free slot) leaves the database unchanged
             target = await self.targets.for_patches([record])
-            if pinned:
-                await self.engine.pin_lora(target)
-            else:  # vLLM has no unpin: unload, then load again unpinned
-                await self.engine.remove_lora(target)
-                await self.engine.add_lora(target)
+            assert target is not None  # one patch
+            await self.targets.set_pinned(target, pinned)
         await asyncio.to_thread(self._mark_pinned, name, pinned, actor)
         return self.get(name)
 

@@ -4,22 +4,36 @@ A single patch is served as itself; several (or one whose per-module scalings vL
 ignore) as their exact stack, built once per combination, cached on disk under a name keyed
 by the weights' hashes and kept in an LRU. Requests lease the LoRA they use; a retired LoRA
 (deleted patch, evicted stack) is unloaded from the engine only when its last lease ends.
+
+Race-freedom by construction:
+- Every state change here (resolve, lease, release, retire) is synchronous, so no other task
+  ever sees one half-done; only engine calls and stack builds await.
+- One owner for the engine's LoRA table: every load, pin and unload runs under `engine_lock`
+  (`exclusive()`), so unload passes never interleave with each other or with a pin.
+- A retired LoRA id is never handed out again: asking for the patch (or stack) afresh gives a
+  new id, so an unload in flight can never hit a request that resolved after the retirement.
+- Retiring and unloading are idempotent: a LoRA leaves `_retired` only once its engine unload
+  succeeded, by the one pass that unloaded it; a failed unload is logged and retried next pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import itertools
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from app.engine.types import EngineClient, LoraTarget
-from app.errors import BadRequest
+from app.errors import APIError, BadRequest, NotFound, Unavailable
 from app.patches.metadata import WEIGHTS_FILE
-from app.patches.stacking import combine_adapters, combined_name
+from app.patches.stacking import StackingError, combine_adapters, combined_name
+from app.patches.storage import remove_dir, storage_error
+
+logger = logging.getLogger(__name__)
 
 
 class PatchLike(Protocol):
@@ -37,26 +51,47 @@ class ServingTargets:
         self.max_stacked = max_stacked
         self.engine: EngineClient | None = None
         self.on_event: Callable[[str], None] = lambda event: None  # metrics hook
-        self._ids: dict[tuple[str, str], int] = {}  # (name, weights hash) -> lora_int_id
+        self.engine_lock = asyncio.Lock()  # held by every engine LoRA call (see `exclusive`)
+        self._new_id = itertools.count(1)
+        # (name, weights hash) -> the live LoRA for it, and the reverse: what new requests get
+        self._ids: dict[tuple[str, str], LoraTarget] = {}
+        self._live: dict[int, tuple[str, str]] = {}
         self._stacked: OrderedDict[str, LoraTarget] = OrderedDict()  # LRU of combinations
         self._build_locks: dict[str, asyncio.Lock] = {}  # one build per combination
+        self._building: Counter[str] = Counter()  # builds waiting on or holding each lock
+        self._deletions: Counter[str] = Counter()  # patch name -> deletes (a build checks it)
         self._leases: dict[int, int] = {}  # lora_int_id -> requests in flight
         self._used: set[int] = set()  # ids the engine has been asked to serve
         # unload (and maybe delete from disk) once their leases end
         self._retired: dict[int, tuple[LoraTarget, bool]] = {}
+        self._unloaded: set[int] = set()  # retired ids already out of the engine
+        self._unload_task: asyncio.Task[None] | None = None
+        # registered patches whose files were found damaged at start-up -> why (not served)
+        self.damaged: dict[str, str] = {}
+        self.retry_s = 1.0  # a failed unload is tried again after this long (or sooner)
 
-    def _int_id(self, name: str, digest: str) -> int:
-        int_id = self._ids.setdefault((name, digest), len(self._ids) + 1)
-        self._retired.pop(int_id, None)  # asked for again: keep it loaded
-        return int_id
+    # --- resolving -------------------------------------------------------------------
+    def _target(self, key: tuple[str, str], name: str, path: Path) -> LoraTarget:
+        """The live LoRA for `key`; a fresh id once the previous one was retired."""
+        if key not in self._ids:
+            target = LoraTarget(name, next(self._new_id), path)
+            self._ids[key], self._live[target.int_id] = target, key
+        return self._ids[key]
 
     def single(self, patch: PatchLike) -> LoraTarget:
-        return LoraTarget(patch.name, self._int_id(patch.name, patch.sha256), patch.path)
+        return self._target((patch.name, patch.sha256), patch.name, patch.path)
 
     async def for_patches(self, patches: Sequence[PatchLike]) -> LoraTarget | None:
-        """The LoRA serving exactly `patches` (sorted by name): none, the patch, or a stack."""
+        """The LoRA serving exactly `patches` (sorted by name): none, the patch, or a stack.
+        Take its lease (`acquire`/`lease`) with no await in between."""
         if not patches:
             return None
+        for patch in patches:
+            if patch.name in self.damaged:
+                raise Unavailable(
+                    f"safety patch '{patch.name}' cannot be served: {self.damaged[patch.name]}",
+                    code="patch_unavailable",
+                )
         if len(patches) == 1 and not patches[0].meta.get("serve_folded"):
             return self.single(patches[0])
         key = "+".join(p.name for p in patches)
@@ -73,14 +108,17 @@ class ServingTargets:
         if cached is not None and cached.path.name == disk_name:
             self._stacked.move_to_end(key)
             return cached
-        out_dir = self.stack_dir / disk_name
-        lock = self._build_locks.setdefault(disk_name, asyncio.Lock())
-        async with lock:
-            if not (out_dir / WEIGHTS_FILE).is_file():
-                await asyncio.to_thread(combine_adapters, [p.path for p in patches], out_dir)
-                self.on_event("stacked")
-        self._build_locks.pop(disk_name, None)
-        target = LoraTarget(key, self._int_id(disk_name, disk_name), out_dir)
+        deletions = [self._deletions[p.name] for p in patches]
+        try:
+            await self._build(disk_name, patches)
+        except APIError:
+            self._refuse_deleted(patches, deletions)  # the likelier cause of a failed build
+            raise
+        self._refuse_deleted(patches, deletions)
+        target = self._target((disk_name, disk_name), key, self.stack_dir / disk_name)
+        replaced = self._stacked.get(key)
+        if replaced is not None and replaced != target:  # same patches, other weights
+            self.retire(replaced)
         self._stacked[key] = target
         while len(self._stacked) > self.max_stacked:
             # Unloaded from the engine, files kept: a request that resolved this stack but has
@@ -89,6 +127,42 @@ class ServingTargets:
             self.on_event("evicted")
         return target
 
+    def _refuse_deleted(self, patches: Sequence[PatchLike], deletions: list[int]) -> None:
+        """NotFound if one of `patches` was deleted since `deletions` was counted: a stack built
+        across a delete must not become resolvable."""
+        for patch, count in zip(patches, deletions, strict=True):
+            if self._deletions[patch.name] != count:
+                raise NotFound(
+                    f"safety patch '{patch.name}' was deleted",
+                    param="safety_patches",
+                    code="patch_not_found",
+                )
+
+    async def _build(self, disk_name: str, patches: Sequence[PatchLike]) -> None:
+        """Build the stack's directory unless it exists; one build per directory at a time (the
+        lock lives while anyone waits on it, so a third caller cannot start a parallel build)."""
+        out_dir = self.stack_dir / disk_name
+        lock = self._build_locks.setdefault(disk_name, asyncio.Lock())
+        self._building[disk_name] += 1
+        try:
+            async with lock:
+                if not (out_dir / WEIGHTS_FILE).is_file():
+                    await asyncio.to_thread(combine_adapters, [p.path for p in patches], out_dir)
+                    self.on_event("stacked")
+        except StackingError as exc:
+            raise BadRequest(
+                f"cannot stack {', '.join(p.name for p in patches)}: {exc}",
+                param="safety_patches",
+                code="unstackable_patches",
+            ) from exc
+        except OSError as exc:
+            raise storage_error(exc, "building the stacked adapter") from exc
+        finally:
+            self._building[disk_name] -= 1
+            if not self._building[disk_name]:
+                del self._building[disk_name], self._build_locks[disk_name]
+
+    # --- leases ----------------------------------------------------------------------
     @contextmanager
     def lease(self, target: LoraTarget | None) -> Iterator[None]:
         """Hold `target` while a request uses it, so unloading waits for it to finish."""
@@ -103,18 +177,22 @@ class ServingTargets:
         that outlive one call stack, such as a streamed response."""
         if target is None:
             return lambda: None
-        if target.int_id not in self._used:
-            self._used.add(target.int_id)
+        int_id = target.int_id
+        if int_id in self._unloaded:  # resolved before its retirement, leased after its unload:
+            self._unloaded.discard(int_id)  # the engine loads it again, so unload it again
+            self._retired[int_id] = (target, False)
+        if int_id not in self._used:
+            self._used.add(int_id)
             self.on_event("loaded")
-        self._leases[target.int_id] = self._leases.get(target.int_id, 0) + 1
+        self._leases[int_id] = self._leases.get(int_id, 0) + 1
         held = [True]
 
         def release() -> None:
             if not held[0]:
                 return
             held[0] = False
-            self._leases[target.int_id] -= 1
-            if not self._leases[target.int_id] and target.int_id in self._retired:
+            self._leases[int_id] -= 1
+            if not self._leases[int_id] and int_id in self._retired:
                 self._schedule_unload()
 
         return release
@@ -123,32 +201,140 @@ class ServingTargets:
         """Requests in flight that hold a LoRA (0 when idle: nothing leaked)."""
         return sum(self._leases.values())
 
+    def leases(self) -> dict[int, int]:
+        """lora_int_id -> leases held now (for metrics and leak checks)."""
+        return {int_id: n for int_id, n in self._leases.items() if n}
+
+    def pending_unloads(self) -> list[LoraTarget]:
+        """Retired LoRAs still in the engine (leased, or their unload has not run yet)."""
+        return [target for target, _ in self._retired.values()]
+
+    # --- retiring --------------------------------------------------------------------
     def retire(self, target: LoraTarget, remove_files: bool = False) -> None:
-        self._retired[target.int_id] = (target, remove_files)
+        """Never serve `target` to a new request again; unload it (and delete its files if
+        `remove_files`) once no lease holds it. Idempotent."""
+        key = self._live.pop(target.int_id, None)
+        if key is not None:
+            del self._ids[key]
+        for stack_key in [k for k, t in self._stacked.items() if t.int_id == target.int_id]:
+            del self._stacked[stack_key]
+        if target.int_id in self._unloaded:
+            return
+        earlier = self._retired.get(target.int_id)
+        self._retired[target.int_id] = (target, remove_files or bool(earlier and earlier[1]))
         self._schedule_unload()
+
+    def evict_stacks(self) -> int:
+        """Retire every cached stack (files kept: the next request rebuilds nothing)."""
+        stacks = list(self._stacked.values())
+        for target in stacks:
+            self.retire(target)
+            self.on_event("evicted")
+        return len(stacks)
 
     def retire_patch(self, patch: PatchLike, remove_files: bool = False) -> None:
         """A deleted patch: retire it and every cached stack that contains it."""
+        self._deletions[patch.name] += 1
+        self.damaged.pop(patch.name, None)  # a later registration under the name is checked anew
         for key in [k for k in self._stacked if patch.name in k.split("+")]:
-            self.retire(self._stacked.pop(key), remove_files=True)
-        int_id = self._int_id(patch.name, patch.sha256)
-        self.retire(LoraTarget(patch.name, int_id, patch.path), remove_files)
+            self.retire(self._stacked[key], remove_files=True)
+        key = (patch.name, patch.sha256)
+        if key in self._ids:
+            self.retire(self._ids[key], remove_files)
+        elif remove_files:  # never served: nothing to unload, only its files
+            remove_dir(patch.path)
+
+    # --- the engine's LoRA table (one owner) ------------------------------------------
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the engine's LoRA table: no unload pass, pin or other holder runs meanwhile."""
+        async with self.engine_lock:
+            yield
+
+    def live_targets(self) -> list[LoraTarget]:
+        """The LoRAs new requests may still be given (patches and stacks not retired)."""
+        return list(self._ids.values())
+
+    def is_live(self, target: LoraTarget) -> bool:
+        """Whether `target` may still be served to new requests (not retired)."""
+        return target.int_id in self._live
+
+    async def set_pinned(self, target: LoraTarget, pinned: bool) -> None:
+        """Pin `target` in the engine (loaded, never evicted) or unpin it, as the one owner of
+        the engine's LoRA table. NotFound if it was retired before or during the call (its
+        unload pass runs next and undoes a pin); Unavailable if the engine refused."""
+        async with self.engine_lock:
+            if not self.is_live(target) or self.engine is None:
+                raise NotFound(f"'{target.name}' is no longer served", code="patch_not_found")
+            try:
+                if pinned:
+                    await self.engine.pin_lora(target)
+                else:  # vLLM has no unpin: unload, then load again unpinned
+                    await self.engine.remove_lora(target)
+            except Exception as exc:
+                raise Unavailable(
+                    f"the engine could not {'pin' if pinned else 'unpin'} '{target.name}': {exc}",
+                    code="engine_error",
+                ) from exc
+            if not pinned:
+                try:  # only a warm-up: a request loads an unloaded LoRA on demand
+                    await self.engine.add_lora(target)
+                except Exception as exc:
+                    logger.warning("reloading unpinned LoRA %s failed: %s", target.name, exc)
+            if not self.is_live(target):
+                raise NotFound(f"'{target.name}' was deleted meanwhile", code="patch_not_found")
 
     def _schedule_unload(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside the server's loop (CLI, tests): unload later
             return
-        loop.create_task(self.unload_retired())
+        task = self._unload_task
+        # One pending pass is enough: it rescans after every await, up to its (synchronous) end.
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._unload_task = loop.create_task(self.unload_retired())
 
     async def unload_retired(self) -> None:
-        for int_id, (target, remove_files) in list(self._retired.items()):
-            if self._leases.get(int_id):
-                continue
-            del self._retired[int_id]
-            self._used.discard(int_id)
+        """Unload every retired LoRA that no lease holds; one pass at a time."""
+        async with self.engine_lock:
+            await self.unload_retired_locked()
+
+    async def unload_retired_locked(self) -> None:
+        """`unload_retired` for a caller already inside `exclusive()`."""
+        failed: set[int] = set()  # retried by the next pass, not this one
+        while True:
+            int_id = next(
+                (i for i in self._retired if not self._leases.get(i) and i not in failed), None
+            )
+            if int_id is None:
+                return
+            target = self._retired[int_id][0]
             if self.engine is not None and self.engine.is_ready:
-                await self.engine.remove_lora(target)
+                try:
+                    await self.engine.remove_lora(target)
+                except Exception as exc:
+                    logger.warning("unloading LoRA %s failed (retried later): %s", target.name, exc)
+                    failed.add(int_id)
+                    asyncio.get_running_loop().call_later(self.retry_s, self._schedule_unload)
+                    continue
                 self.on_event("unloaded")
+            if self._leases.get(int_id):  # leased while unloading: it goes again after that
+                continue
+            _, remove_files = self._retired.pop(int_id)
+            self._leases.pop(int_id, None)  # a count of 0, or never leased
+            self._used.discard(int_id)
+            self._unloaded.add(int_id)
             if remove_files:
-                shutil.rmtree(target.path, ignore_errors=True)
+                self._remove_files(target.path)
+
+    def _remove_files(self, path: Path) -> None:
+        """Delete a retired LoRA's directory unless a live stack serves the same one (same
+        patches, same weights); another retired LoRA on it inherits the deletion."""
+        if any(t.path == path for t in self._stacked.values()):
+            return
+        for int_id, (other, _) in self._retired.items():
+            if other.path == path:
+                self._retired[int_id] = (other, True)
+                return
+        remove_dir(path)

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message
 
-from app.errors import internal_error_response
+from app.errors import APIError, error_response, internal_error_response
 
 logger = logging.getLogger(__name__)
 JSONRewrite = Callable[[Any], Any]  # a decoded JSON value -> the value to send
@@ -45,12 +45,25 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _is_json(content: bytes) -> bool:
+def _is_openai_error(content: bytes) -> bool:
     try:
-        json.loads(content)
+        value = json.loads(content)
     except ValueError:
         return False
-    return True
+    return isinstance(value, dict) and isinstance(value.get("error"), dict)
+
+
+def _as_openai_error(status: int, content: bytes) -> Response:
+    """The inner app's framework errors (`{"detail": ...}`, a crash page) in the OpenAI shape;
+    a 5xx tells the client nothing of the internals."""
+    if status >= 500:
+        return internal_error_response()
+    try:
+        detail = json.loads(content).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    message = detail if isinstance(detail, str) else "the request was not accepted"
+    return error_response(APIError(message, code="invalid_request", status_code=status))
 
 
 def _rewrite_event(event: bytes, rewrite: JSONRewrite) -> bytes:
@@ -141,8 +154,8 @@ async def forward(
             return StreamingResponse(events, status_code=status, headers=headers)
         content = b"".join([chunk async for chunk in exchange.body_chunks()])
         exchange.finish(on_done)
-        if status >= 500 and not _is_json(content):  # a crash page: tell the client nothing
-            return internal_error_response()
+        if status >= 400 and not _is_openai_error(content):
+            return _as_openai_error(status, content)
         if rewrite is not None and headers.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(ValueError):
                 content = encode_json(rewrite(json.loads(content)))

@@ -99,6 +99,12 @@ class FakeEngine:
             if self.fail_with is not None:
                 error, self.fail_with = self.fail_with, None
                 raise error
+            try:  # vLLM validates requests: a 400 for what it cannot take
+                return await answer(request)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                return vllm_error(f"invalid request: {exc}", 400)
+
+        async def answer(request: Request):
             body = await request.json()
             lora = self._lora(body.get("model", self.base_name))
             if lora == "unknown":
@@ -110,7 +116,9 @@ class FakeEngine:
             tag = lora.name if lora else "base"
             if lora and "[refuse]" in json.dumps(body.get("messages") or body.get("prompt")):
                 tag = "I'm sorry"  # any patch refuses these prompts
-            max_tokens = body.get("max_tokens") or 4
+            max_tokens = int(body.get("max_tokens") or 4)
+            if not 0 < max_tokens <= 256:
+                raise ValueError("max_tokens out of range")
             if body.get("stream"):
                 return StreamingResponse(
                     self._events(body, chat, tag, max_tokens, request),
@@ -130,7 +138,11 @@ class FakeEngine:
 
         @app.post("/tokenize")
         async def tokenize(request: Request):
-            body = await request.json()
+            try:
+                body = await request.json()
+                assert isinstance(body, dict)
+            except (ValueError, AssertionError):
+                return vllm_error("the body must be a JSON object", 400)
             tokens = list(range(len(str(body.get("prompt", "")).split())))
             return {"tokens": tokens, "count": len(tokens), "max_model_len": 256}
 

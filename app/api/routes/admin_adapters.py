@@ -8,6 +8,8 @@ writes answer 503 `database_unavailable`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -17,10 +19,21 @@ from app.api.deps import Admin, State
 from app.errors import BadRequest, Conflict
 from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from app.patches.scores import schedule_scoring
+from app.patches.storage import storage_error
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"])
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@contextmanager
+def storage_faults(doing: str) -> Iterator[None]:
+    """An OSError that escaped the registry's own handling (a spooled upload on a full /tmp,
+    an unreadable store) as an OpenAI-shaped 5xx naming it, not a bare 500."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, doing) from exc
 
 
 class RegisterFromPath(BaseModel):
@@ -91,20 +104,47 @@ async def _read_upload(request: Request, state: State, actor: str):
     )
 
 
-@router.post("", status_code=201)
+# The handler reads the body itself (JSON or multipart); this documents both for clients and
+# for schema-driven tests (tests/reliability/test_api_fuzz.py).
+REGISTER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": RegisterFromPath.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "config", "weights"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "config": {"type": "string", "format": "binary"},
+                        "weights": {"type": "string", "format": "binary"},
+                        "metadata": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=REGISTER_BODY)
 async def register_adapter(request: Request, state: State, actor: Admin) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        record = await _read_upload(request, state, actor)
-    else:
-        try:
-            body = RegisterFromPath.model_validate_json(await request.body())
-        except ValueError as exc:
-            raise BadRequest(
-                f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
-                code="invalid_body",
-            ) from None
-        record = await asyncio.to_thread(state.registry.register_path, body.name, body.path, actor)
+    with storage_faults("registering the adapter"):
+        if content_type.startswith("multipart/form-data"):
+            record = await _read_upload(request, state, actor)
+        else:
+            try:
+                body = RegisterFromPath.model_validate_json(await request.body())
+            except ValueError as exc:
+                raise BadRequest(
+                    f"expected JSON {{'name', 'path'}} or a multipart upload: {exc}",
+                    code="invalid_body",
+                ) from None
+            record = await asyncio.to_thread(
+                state.registry.register_path, body.name, body.path, actor
+            )
     state.metrics.adapter_events.labels("registered").inc()
     schedule_scoring(state, record.name)
     return _detail(state, record.name)
@@ -120,7 +160,8 @@ async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
             param="name",
             code="patch_in_use",
         )
-    await state.registry.delete(name, actor)
+    with storage_faults(f"deleting adapter '{name}'"):
+        await state.registry.delete(name, actor)
     state.metrics.adapter_events.labels("deleted").inc()
     return Response(status_code=204)
 
