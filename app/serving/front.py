@@ -130,7 +130,11 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
     if request.url.path in GATED_ROUTES:
         rules = {p: GateRule.from_meta(state.registry.get(p).meta) for p in who.patches}
         probe = Probe.for_patches(rules, caller.policy.modes, who.patches)
-        if probe is not None:
+        if probe is not None and _prefilled(payload):
+            # the reply is already begun by the caller: a gate reading its first tokens could
+            # be steered past, so the gated patches act as always on (fail closed)
+            gates = dict.fromkeys(probe.gated, "prefilled")
+        elif probe is not None:
             who, gates = await _gate(state, request, payload, who, probe)
     release = await _lease(state, who)
     request.state.tenant, request.state.patches = who.tenant, who.patches
@@ -195,6 +199,13 @@ async def _gate(
         return who, gates
     kept = [p for p in who.patches if p not in probe.gated]
     return Resolved(who.tenant, kept, await state.registry.lora_for(kept)), gates
+
+
+def _prefilled(payload: dict[str, Any]) -> bool:
+    """A chat request that continues a final assistant message the caller wrote."""
+    return (
+        bool(payload.get("continue_final_message")) or payload.get("add_generation_prompt") is False
+    )
 
 
 def _first_text(body: bytes) -> str:
