@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     # --- orthogonality ----------------------------------------------------------------
     ortho_k: int | None = None  # None: the adapter's rank, as in the paper
 
+    # --- patch factory data -------------------------------------------------------------
+    data_dir: Path | None = Field(
+        default=None,
+        description="Folder of training/evaluation sets that may not be vendored (CC BY-NC: "
+        "the Alpaca-derived harmless set, Safety-Tuned LLaMAs); prompt files named by bare "
+        "name are looked up here after app/factory/data.",
+    )
+
     @field_validator("default_patches", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:

@@ -29,13 +29,29 @@ def evaluate(
             "--stack", help="Stacked patches 'a+b' evaluated as one combined adapter; repeatable."
         ),
     ] = None,
-    column: Annotated[str | None, typer.Option(help="Prompt column (default: auto).")] = None,
+    column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--column",
+            help="Prompt column: once for all --prompts, or once per --prompts in the same "
+            "order (default: auto).",
+        ),
+    ] = None,
     kind: Annotated[
-        str | None, typer.Option(help="harmful | benign, for prompt files whose spec has no kind=.")
+        list[str] | None,
+        typer.Option(
+            "--kind",
+            help="harmful | benign: once for all --prompts, or once per --prompts in the same "
+            "order; a spec's kind= wins.",
+        ),
     ] = None,
     split: Annotated[
-        str, typer.Option(help="dev (held out from training, default), train or all.")
-    ] = "dev",
+        str | None,
+        typer.Option(
+            help="dev, train or all for every set. Default: dev for files a patch was trained "
+            "on (shipped or evaluated), the whole file otherwise."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per file.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Greedy tokens per response.")] = 32,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report.")] = None,
@@ -49,39 +65,33 @@ def evaluate(
     ] = True,
 ) -> None:
     """Evaluate the base model, each --patch and each --stack on each --prompts set."""
-    from app.factory.data import load_prompts, parse_source
-    from app.factory.evaluate import PromptSet, build_configs, stored_patches, temp_work_dir
+    from app.factory.evaluate import build_configs, stored_patches, temp_work_dir
     from app.factory.evaluate import evaluate as run_evaluation
-    from app.factory.judge import KeywordJudge
+    from app.factory.judge import default_judge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
+    from app.factory.sets import build_sets, patch_trainings, store_trainings, trained_files
     from app.model.default_model import ensure_default_model
     from app.model.identity import model_identity
 
     settings = Settings()
-    if split not in ("dev", "train", "all"):
+    if split not in (None, "dev", "train", "all"):
         raise typer.BadParameter("--split must be dev, train or all")
-    if kind not in (None, "harmful", "benign"):
-        raise typer.BadParameter("--kind must be harmful or benign")
-    sets = []
-    for spec in prompts:
-        source = parse_source(
-            spec,
-            column=column,
-            split=split,
-            kind=kind,  # type: ignore[arg-type]
-            limit=limit,
-        )
-        if source.kind is None:
-            raise typer.BadParameter(f"{spec}: say --kind harmful|benign (or kind= in the spec)")
-        sets.append(PromptSet(source.label, source.kind, load_prompts(source)))
-        if not sets[-1].prompts:
-            raise typer.BadParameter(f"{spec}: no prompts after filtering ({split} split)")
-    if len({s.name for s in sets}) != len(sets):
-        raise typer.BadParameter("prompt sets need distinct names (use name= in the spec)")
-    model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
-    judge = KeywordJudge()
+    judge = default_judge()
     with temp_work_dir() as work:
-        configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))
+        try:
+            configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))
+            evaluated = patch_trainings({d for c in configs for _, d in c.patch_dirs}).values()
+            sets = build_sets(
+                prompts,
+                columns=column,
+                kinds=kind,
+                split=split,  # type: ignore[arg-type]
+                limit=limit,
+                training_files=trained_files([*store_trainings(settings.adapters_dir), *evaluated]),
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
         entries = run_evaluation(
             model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
         )
@@ -90,8 +100,11 @@ def evaluate(
         model=model_identity(model_dir),
         judge=judge.name,
         max_tokens=max_tokens,
-        split=split,
-        prompt_sets={s.name: len(s.prompts) for s in sets},
+        prompt_sets={
+            s.name: {"file": s.file, "split": s.split, "in_file": s.available}
+            | {"scored": len(s.prompts)}
+            for s in sets
+        },
     )
     typer.echo(format_table(report))
     if json_out:

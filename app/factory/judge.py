@@ -97,3 +97,8 @@ def refusal_rate(judge: RefusalJudge, prompts: Sequence[str], responses: Sequenc
         return 0.0
     flags = [judge.is_refusal(p, r) for p, r in zip(prompts, responses, strict=True)]
     return sum(flags) / len(flags)
+
+
+def default_judge() -> RefusalJudge:
+    """The judge `safepatch eval` uses."""
+    return KeywordJudge()

@@ -11,7 +11,14 @@ import torch
 from app.factory.evaluate import Outputs, PromptSet, score_entry
 from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
 from app.factory.preserve import full_kl, margin_hinge, topk_kl
-from app.factory.report import build_report, format_table, markdown_table, plot, write_json
+from app.factory.report import (
+    build_report,
+    category_table,
+    format_table,
+    markdown_table,
+    plot,
+    write_json,
+)
 from app.factory.templates import OPENINGS, refusal_for
 
 
@@ -138,10 +145,20 @@ def test_report_outputs(tmp_path: Path) -> None:
             "mean_kl": 0.125,
         },
     ]
-    report = build_report(entries, max_tokens=8)
+    entries[1] |= {"source": "held-out", "split": "all"}
+    entries[0] |= {"split": "all"}
+    entries[1]["categories"] = {"drugs": {"n": 1, "refused": 1}, "fraud": {"n": 1, "refused": 1}}
+    entries[0]["categories"] = {"drugs": {"n": 1, "refused": 0}, "fraud": {"n": 1, "refused": 0}}
+    report = build_report(entries, max_tokens=8, judge="keyword-test")
+    assert report["leave_source_out"] == [
+        {"config": "p", "sets": ["h"], "n": 2, "refusal_rate": 1.0, "base_refusal_rate": 0.0}
+    ]
     table = format_table(report)
-    assert "100.0%" in table and "0.1250" in table and len(table.splitlines()) == 6
-    assert "| p | b | benign | 2 | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
+    assert "100.0%" in table and "0.1250" in table and "judge: keyword-test" in table
+    assert "leave-source-out" in table and len(table.splitlines()) == 1 + 6 + 5
+    assert "| p | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
+    assert "| p | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
+    assert "| drugs | 1 | 0.0% | 100.0% |" in category_table(report)
     write_json(report, tmp_path / "r.json")
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
