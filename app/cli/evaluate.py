@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,13 +12,13 @@ from app.config import Settings
 
 def evaluate(
     prompts: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--prompts",
             help="Prompt file(s): CSV/JSON/JSONL, optionally PATH?column=..&kind=.."
             "&where=COL:VAL&match=..&exclude=..&limit=N&name=.. (see app/factory/data.py).",
         ),
-    ],
+    ] = None,
     patch: Annotated[
         list[str] | None,
         typer.Option("--patch", help="Patch name in adapters_dir (or a path); repeatable."),
@@ -54,6 +54,19 @@ def evaluate(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per file.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Greedy tokens per response.")] = 32,
+    capability: Annotated[
+        Path | None,
+        typer.Option(
+            help="Multiple-choice capability set scored by log-likelihood (HellaSwag JSONL: "
+            "context, endings, label), e.g. hellaswag_val.jsonl (found in SAFEPATCH_DATA_DIR)."
+        ),
+    ] = None,
+    capability_limit: Annotated[
+        int | None, typer.Option(help="Score the first N capability items (all: omit).")
+    ] = 500,
+    mode: Annotated[
+        str, typer.Option(help="How patches are applied for the capability check: always-on.")
+    ] = "always-on",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report.")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart.")] = None,
     model: Annotated[
@@ -76,13 +89,17 @@ def evaluate(
     settings = Settings()
     if split not in (None, "dev", "train", "all"):
         raise typer.BadParameter("--split must be dev, train or all")
+    if not prompts and capability is None:
+        raise typer.BadParameter("give --prompts and/or --capability")
+    if mode != "always-on":
+        raise typer.BadParameter("--mode: only always-on patches exist so far (gated: to come)")
     judge = default_judge()
     with temp_work_dir() as work:
         try:
             configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))
             evaluated = patch_trainings({d for c in configs for _, d in c.patch_dirs}).values()
             sets = build_sets(
-                prompts,
+                prompts or [],
                 columns=column,
                 kinds=kind,
                 split=split,  # type: ignore[arg-type]
@@ -92,8 +109,17 @@ def evaluate(
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
         model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
-        entries = run_evaluation(
-            model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
+        entries = (
+            run_evaluation(
+                model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
+            )
+            if sets
+            else []
+        )
+        capability_report = (
+            _capability(model_dir, configs, capability, capability_limit, mode)
+            if capability is not None
+            else None
         )
     report = build_report(
         entries,
@@ -106,17 +132,39 @@ def evaluate(
             for s in sets
         },
     )
-    typer.echo(format_table(report))
+    if capability_report is not None:
+        report["capability"] = capability_report
+    if entries:
+        typer.echo(format_table(report))
+    if capability_report is not None:
+        from app.factory.capability import format_capability
+
+        typer.echo(format_capability(capability_report["results"], capability_report["file"]))
     if json_out:
         write_json(report, json_out)
         typer.echo(f"wrote {json_out}")
-    if plot_out:
+    if plot_out and entries:
         plot(report, plot_out)
         typer.echo(f"wrote {plot_out}")
     if store:
         stored = store_in_patches(report, stored_patches(configs))
         if stored:
             typer.echo("stored results in " + ", ".join(stored))
+
+
+def _capability(
+    model_dir: Path, configs: list[Any], path: Path, limit: int | None, mode: str
+) -> dict[str, Any]:
+    """Capability rows for every configuration, with the file, item count and mode."""
+    from app.factory.capability import evaluate_capability, load_items
+    from app.factory.data import resolve_path
+
+    try:
+        items = load_items(resolve_path(path), limit)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    results = evaluate_capability(model_dir, configs, items, mode=mode)  # type: ignore[arg-type]
+    return {"file": path.name, "items": len(items), "mode": mode, "results": results}
 
 
 if __name__ == "__main__":

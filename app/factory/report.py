@@ -214,11 +214,23 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         ]
         keys = {(e["config"], e["prompts"]) for e in fresh}
         old = (metadata.evaluation or {}).get("entries", [])
+        old_capability = (metadata.evaluation or {}).get("capability")
         kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
-        run_wide = ("entries", "prompt_sets", "leave_source_out")
+        run_wide = ("entries", "prompt_sets", "leave_source_out", "capability")
         metadata.evaluation = {k: v for k, v in report.items() if k not in run_wide} | {
             "entries": kept + fresh
         }
+        if "capability" in report:  # base, this patch and its stacks; replaces the last check
+            capability = report["capability"]
+            metadata.evaluation["capability"] = capability | {
+                "results": [
+                    r
+                    for r in capability["results"]
+                    if r["config"] in ("base", name) or name in r["config"].split("+")
+                ]
+            }
+        elif old_capability:  # a refusal-only run keeps the stored capability check
+            metadata.evaluation["capability"] = old_capability
         metadata.write(adapter_dir)
         stored.append(name)
     return stored

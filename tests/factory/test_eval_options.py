@@ -166,3 +166,29 @@ def test_source_status() -> None:
     assert source_status(whole, [training]) == "trained"
     assert source_status(other, [training]) == "held-out"
     assert source_status(other, [None]) is None
+
+
+def test_capability_through_the_cli(recorded, tiny_model: Path, tmp_path: Path) -> None:
+    """`--capability` alone: the base model's multiple-choice accuracy on the first N items,
+    with its interval, in the printed table and the JSON report."""
+    items = tmp_path / "hs.jsonl"
+    rows = [
+        {"context": f"Step {i}: the man", "endings": ["walks.", "runs.", "sits.", "x"], "label": 0}
+        for i in range(5)
+    ]
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = typer.Typer()
+    app.command()(evaluate)
+    report_path = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        ["--capability", str(items), "--capability-limit", "3", "--model", str(tiny_model)]
+        + ["--json", str(report_path), "--no-store"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "capability: hs.jsonl, 3 items" in result.output
+    capability = json.loads(report_path.read_text())["capability"]
+    assert capability["items"] == 3 and capability["mode"] == "always-on"
+    (base,) = capability["results"]
+    assert base["config"] == "base" and base["n"] == 3 and 0.0 <= base["acc"] <= 1.0
+    assert base["acc_ci95"][0] <= base["acc"] <= base["acc_ci95"][1]
