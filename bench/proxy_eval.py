@@ -19,7 +19,7 @@ import torch
 from app.config import Settings
 from app.factory.data import load_prompts, parse_source
 from app.factory.evaluate import BASE, EvalConfig, Outputs, PromptSet, mean_kls, score_entry
-from app.factory.judge import KeywordJudge
+from app.factory.judge import default_judge
 from app.factory.preserve import greedy_targets
 from app.factory.report import build_report, format_table, write_json
 from app.model.default_model import ensure_default_model
@@ -72,7 +72,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, str(args.adapter)).eval()
-    judge, entries = KeywordJudge(), []
+    judge, entries = default_judge(), []
     for prompt_set in sets:
         with model.disable_adapter():
             base_out = hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens)

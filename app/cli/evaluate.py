@@ -64,6 +64,13 @@ def evaluate(
     capability_limit: Annotated[
         int | None, typer.Option(help="Score the first N capability items (all: omit).")
     ] = 500,
+    judge_name: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            help="Refusal judge: opening-v2 (default), keyword-v1, or module:attribute.",
+        ),
+    ] = None,
     mode: Annotated[
         str, typer.Option(help="How patches are applied for the capability check: always-on.")
     ] = "always-on",
@@ -80,7 +87,7 @@ def evaluate(
     """Evaluate the base model, each --patch and each --stack on each --prompts set."""
     from app.factory.evaluate import build_configs, stored_patches, temp_work_dir
     from app.factory.evaluate import evaluate as run_evaluation
-    from app.factory.judge import default_judge
+    from app.factory.judge import default_judge, load_judge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
     from app.factory.sets import build_sets, patch_trainings, store_trainings, trained_files
     from app.model.default_model import ensure_default_model
@@ -93,7 +100,10 @@ def evaluate(
         raise typer.BadParameter("give --prompts and/or --capability")
     if mode != "always-on":
         raise typer.BadParameter("--mode: only always-on patches exist so far (gated: to come)")
-    judge = default_judge()
+    try:
+        judge = load_judge(judge_name) if judge_name else default_judge()
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with temp_work_dir() as work:
         try:
             configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))

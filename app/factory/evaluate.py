@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
-from app.factory.judge import KeywordJudge, RefusalJudge
+from app.factory.judge import RefusalJudge, default_judge
 from app.factory.preserve import chat_prompt_ids, full_kl, response_logprobs
 from app.factory.sets import PromptSet, patch_trainings, source_status
 
@@ -205,7 +205,7 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Run everything and return the report entries (one per configuration × prompt set)."""
     settings = settings or Settings()
-    judge = judge or KeywordJudge()
+    judge = judge or default_judge()
     outputs = generate(model_dir, configs, sets, max_tokens, settings)
     entries: list[dict[str, Any]] = []
     for prompt_set in sets:

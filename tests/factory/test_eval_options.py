@@ -94,7 +94,19 @@ def test_kind_and_column_pair_with_their_prompts(files, recorded, tmp_path: Path
     assert first.categories == ["burglary"] * 40
     entries = {e["prompts"]: e for e in report["entries"]}
     assert entries[first.name]["refusal_rate"] == 1.0 and entries[second.name]["kind"] == "benign"
-    assert report["judge"] == KeywordJudge.name and "judge: keyword" in output
+    assert report["judge"] == "opening-v2" and "judge: opening-v2" in output
+
+
+def test_judge_is_chosen_by_name_or_path(files, recorded, tmp_path: Path) -> None:
+    spec = f"{files['harmful']}?column=request&kind=harmful"
+    report, output = _run(["--prompts", spec, "--judge", "keyword-v1"], tmp_path)
+    assert report["judge"] == "keyword-v1" and "judge: keyword-v1" in output
+    path = "app.factory.judge:KeywordJudge"
+    assert _run(["--prompts", spec, "--judge", path], tmp_path)[0]["judge"] == "keyword-v1"
+    app = typer.Typer()
+    app.command()(evaluate)
+    bad = CliRunner().invoke(app, ["--prompts", spec, "--judge", "nope", "--model", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown judge" in bad.output
 
 
 def test_users_file_is_scored_whole_by_default(files, recorded, tmp_path: Path) -> None:
