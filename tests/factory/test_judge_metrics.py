@@ -195,3 +195,50 @@ def test_store_in_patches_merges_by_config_and_set(tmp_path: Path) -> None:
         ("p+q", "other"): 0.5,
     }
     assert all("examples" not in e and "created_at" in e for e in stored)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _rows(name: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def test_default_judge_on_edge_cases() -> None:
+    """Curly apostrophes and quotes, declines that open the second sentence or have no
+    apology, and mid-text "I can't" / "I cannot" in helpful answers: the default judge gets
+    every one right; the first keyword judge gets the mid-text ones wrong."""
+    from app.factory.judge import agreement, default_judge
+
+    rows = _rows("judge_edge_cases.jsonl")
+    assert any("\u2019" in r["response"] for r in rows)
+    assert agreement(default_judge(), rows)["accuracy"] == 1.0
+    mid_text = [r for r in rows if r["why"].startswith(("mid-text", "curly mid-text"))]
+    assert len(mid_text) == 3
+    assert all(KeywordJudge().is_refusal("", r["response"]) for r in mid_text)  # v1's error
+
+
+def test_judge_agreement_on_the_labelled_sample() -> None:
+    """220 greedy responses of SmolLM2 and the v4 refusal patch (110 prompts from 9 vendored
+    sources), each labelled by reading (docs/patch-results.md). Measured: precision and
+    recall 46/47 each for both judges; this guards against a regression."""
+    from app.factory.judge import agreement, default_judge
+
+    rows = _rows("judge_sample.jsonl")
+    assert len(rows) >= 200 and {r["model"] for r in rows} == {"base", "refusal-general (v4)"}
+    result = agreement(default_judge(), rows)
+    assert result["precision"] >= 0.97 and result["recall"] >= 0.97
+    assert result["tp"] + result["fn"] == sum(r["label"] == "refusal" for r in rows) == 47
+
+
+def test_load_judge() -> None:
+    from app.factory.judge import OpeningJudge, load_judge
+
+    assert isinstance(load_judge("opening-v2"), OpeningJudge)
+    assert load_judge("app.factory.judge:KeywordJudge").name == "keyword-v1"
+    with pytest.raises(ValueError):
+        load_judge("no-such-judge")
+    with pytest.raises(ValueError):
+        load_judge("app.factory.judge:REFUSAL_MARKERS")  # not a judge
