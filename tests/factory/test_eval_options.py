@@ -204,3 +204,38 @@ def test_capability_through_the_cli(recorded, tiny_model: Path, tmp_path: Path) 
     (base,) = capability["results"]
     assert base["config"] == "base" and base["n"] == 3 and 0.0 <= base["acc"] <= 1.0
     assert base["acc_ci95"][0] <= base["acc"] <= base["acc_ci95"][1]
+
+
+def test_mark_sources_for_patches_and_stacks(tmp_path: Path) -> None:
+    from app.factory.evaluate import EvalConfig, mark_sources
+
+    trained, other = tmp_path / "trained", tmp_path / "other"
+    for path, sources in ((trained, ["x/adv.csv?split=train"]), (other, ["y/cat.csv?split=all"])):
+        path.mkdir()
+        PatchMetadata(
+            name=path.name,
+            rank=4,
+            target_modules=["q_proj"],
+            weights_sha256="0",
+            training={"harmful_sources": sources},
+        ).write(path)
+    configs = [
+        EvalConfig("base", None),
+        EvalConfig("trained", trained, (("trained", trained),)),
+        EvalConfig("trained+other", tmp_path, (("trained", trained), ("other", other))),
+    ]
+    sets = [
+        PromptSet("adv-dev", "harmful", ["p"], split="dev", file="adv.csv"),
+        PromptSet("cat", "harmful", ["p"], split="all", file="cat.csv"),
+    ]
+    entries = [{"config": c.name, "prompts": s.name} for c in configs for s in sets]
+    mark_sources(entries, configs, sets)
+    status = {(e["config"], e["prompts"]): e.get("source") for e in entries}
+    assert status == {
+        ("base", "adv-dev"): None,
+        ("base", "cat"): None,
+        ("trained", "adv-dev"): "dev",
+        ("trained", "cat"): "held-out",
+        ("trained+other", "adv-dev"): "dev",
+        ("trained+other", "cat"): "trained",  # a stack member trained on the whole file
+    }
