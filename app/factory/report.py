@@ -207,8 +207,9 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         metadata = PatchMetadata.read(adapter_dir)
         if metadata is None:
             continue
-        fresh = [
-            {k: v for k, v in e.items() if k != "examples"} | {"created_at": report["created_at"]}
+        run = {k: report[k] for k in ("created_at", "judge", "max_tokens") if k in report}
+        fresh = [  # each entry says when, with which judge and length it was scored
+            {k: v for k, v in e.items() if k not in ("examples", "responses")} | run
             for e in report["entries"]
             if e["config"] in ("base", name) or name in e["config"].split("+")
         ]
@@ -217,9 +218,10 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         old_capability = (metadata.evaluation or {}).get("capability")
         kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
         run_wide = ("entries", "prompt_sets", "leave_source_out", "capability")
-        metadata.evaluation = {k: v for k, v in report.items() if k not in run_wide} | {
-            "entries": kept + fresh
-        }
+        previous = {k: v for k, v in (metadata.evaluation or {}).items() if k not in run_wide}
+        latest = {k: v for k, v in report.items() if k not in run_wide}
+        # a capability-only run leaves the refusal results' run fields as they were
+        metadata.evaluation = (latest if fresh else previous) | {"entries": kept + fresh}
         if "capability" in report:  # base, this patch and its stacks; replaces the last check
             capability = report["capability"]
             metadata.evaluation["capability"] = capability | {

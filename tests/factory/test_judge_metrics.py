@@ -242,3 +242,21 @@ def test_load_judge() -> None:
         load_judge("no-such-judge")
     with pytest.raises(ValueError):
         load_judge("app.factory.judge:REFUSAL_MARKERS")  # not a judge
+
+
+def test_capability_only_run_keeps_the_stored_refusal_fields(tmp_path: Path) -> None:
+    from app.factory.report import store_in_patches
+    from app.patches.metadata import PatchMetadata
+
+    PatchMetadata(name="p", rank=4, target_modules=["q_proj"], weights_sha256="0").write(tmp_path)
+    entry = {"config": "p", "prompts": "h", "kind": "harmful", "n": 1, "refusal_rate": 1.0}
+    store_in_patches(build_report([entry], judge="keyword-v1", max_tokens=32), {"p": tmp_path})
+    rows = [{"config": c, "mode": "always-on", "n": 1, "acc": 1.0} for c in ("base", "p", "q")]
+    capability = {"file": "hs.jsonl", "items": 1, "mode": "always-on", "results": rows}
+    report = build_report([], judge="opening-v2", max_tokens=8) | {"capability": capability}
+    store_in_patches(report, {"p": tmp_path})
+    stored = PatchMetadata.read(tmp_path)
+    assert stored is not None and stored.evaluation is not None
+    assert stored.evaluation["judge"] == "keyword-v1" and stored.evaluation["max_tokens"] == 32
+    assert stored.evaluation["entries"][0]["judge"] == "keyword-v1"
+    assert [r["config"] for r in stored.evaluation["capability"]["results"]] == ["base", "p"]
