@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     # how often the in-memory snapshot checks the database's change version (staleness bound)
     snapshot_refresh_s: float = Field(0.25, gt=0, le=5)
 
+    # --- patch factory data -------------------------------------------------------------
+    data_dir: Path | None = Field(
+        default=None,
+        description="Folder of training/evaluation sets that may not be vendored (CC BY-NC: "
+        "the Alpaca-derived harmless set, Safety-Tuned LLaMAs); prompt files named by bare "
+        "name are looked up here after app/factory/data.",
+    )
+
     @field_validator("default_patches", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:

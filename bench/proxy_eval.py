@@ -1,11 +1,15 @@
 """Fast HF + peft proxy of `safepatch eval` for training ablations (docs/patch-results.md).
 
-The same dev sets, judge, scoring (`score_entry`) and KL (`mean_kls`) as the shipped
-evaluation; only generation differs: transformers in fp32 instead of vLLM (greedy tokens match
-vLLM's exactly in fp32), about 3 minutes per adapter on 2 cores. Prints the evaluation's table
-and, with --json, writes its report.
+The same prompt sets (`app.factory.sets.build_sets`: options paired by position, whole files
+unless a patch trained on them), judge, scoring (`score_entry`), source marking
+(`mark_sources`) and KL (`mean_kls`) as the shipped evaluation; only generation differs:
+transformers in fp32 instead of vLLM (greedy tokens match vLLM's in fp32), which on a busy
+shared CPU is several times faster than the CPU engine with LoRA. Prints the evaluation's table
+and, with --json, writes its report. Without --prompts it scores the dev sets of
+docs/patch-results.md (AdvBench cyber / other, harmless, XSTest-safe).
 
-    .venv/bin/python -m bench.proxy_eval ~/.cache/safepatch/experiments/c1
+    .venv/bin/python -m bench.proxy_eval adapters/refusal-general /tmp/candidate \\
+        --prompts multijail_en.csv?limit=25 --kind harmful --json /tmp/report.json
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.factory.data import load_prompts, parse_source
-from app.factory.evaluate import BASE, EvalConfig, Outputs, PromptSet, mean_kls, score_entry
-from app.factory.judge import KeywordJudge
+from app.factory.evaluate import BASE, EvalConfig, Outputs, mark_sources, mean_kls, score_entry
+from app.factory.judge import default_judge
 from app.factory.preserve import greedy_targets
 from app.factory.report import build_report, format_table, write_json
+from app.factory.sets import build_sets, patch_trainings, trained_files
 from app.model.default_model import ensure_default_model
 
-REPO = Path(__file__).resolve().parents[1]
-ADVBENCH = REPO / "app/factory/data/advbench_harmful_behaviors.csv"
-XSTEST = REPO / "app/factory/data/xstest_prompts.csv"
+DEV_SETS = [  # the dev sets of docs/patch-results.md: (spec, kind)
+    ("advbench_harmful_behaviors.csv?match=cyber&limit=45&name=advbench-dev-cyber", "harmful"),
+    ("advbench_harmful_behaviors.csv?exclude=cyber&limit=45&name=advbench-dev-other", "harmful"),
+    ("harmless_train.json?limit=50&name=harmless-dev", "benign"),
+    ("xstest_prompts.csv?where=label:safe&limit=50&name=xstest-safe-dev", "benign"),
+]
 
 
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> Outputs:
@@ -41,15 +48,12 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", type=Path, help="PEFT adapter directory")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=REPO.parent / "shared/data",
-        help="folder holding harmless_train.json (not vendored)",
-    )
+    parser.add_argument("adapters", type=Path, nargs="+", help="PEFT adapter directories")
+    parser.add_argument("--prompts", action="append", help="as safepatch eval --prompts")
+    parser.add_argument("--kind", action="append", help="as safepatch eval --kind")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-kl", action="store_true", help="skip the KL pass")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()
 
@@ -58,38 +62,52 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model(Settings().cache_dir)
-    sources = {  # the dev sets of docs/patch-results.md
-        ("advbench-dev-cyber", "harmful"): f"{ADVBENCH}?match=cyber&limit=45",
-        ("advbench-dev-other", "harmful"): f"{ADVBENCH}?exclude=cyber&limit=45",
-        ("harmless-dev", "benign"): f"{args.data_dir / 'harmless_train.json'}?limit=50",
-        ("xstest-safe-dev", "benign"): f"{XSTEST}?where=label:safe&limit=50",
-    }
-    sets = [
-        PromptSet(name, kind, load_prompts(parse_source(spec, split="dev")))  # type: ignore[arg-type]
-        for (name, kind), spec in sources.items()
+    specs = args.prompts or [spec for spec, _ in DEV_SETS]
+    kinds = args.kind if args.prompts else [kind for _, kind in DEV_SETS]
+    trainings = patch_trainings(args.adapters)
+    sets = build_sets(
+        specs,
+        columns=None,
+        kinds=kinds,
+        split="dev" if not args.prompts else None,
+        limit=None,
+        training_files=trained_files(trainings.values()),
+    )
+    configs = [EvalConfig(BASE, None)] + [
+        EvalConfig(path.name, path, ((path.name, path),)) for path in args.adapters
     ]
-    configs = [EvalConfig(BASE, None), EvalConfig(args.adapter.name, args.adapter)]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, str(args.adapter)).eval()
-    judge, entries = KeywordJudge(), []
+    model = PeftModel.from_pretrained(base, str(args.adapters[0]), adapter_name="a0").eval()
+    for i, path in enumerate(args.adapters[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{i}")
+    judge, entries = default_judge(), []
     for prompt_set in sets:
         with model.disable_adapter():
-            base_out = hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens)
-        outputs = {
-            BASE: base_out,
-            configs[1].name: hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens),
-        }
+            outputs = {BASE: hf_generate(model, tokenizer, prompt_set.prompts, args.max_tokens)}
+        for i, config in enumerate(configs[1:]):
+            model.set_adapter(f"a{i}")
+            outputs[config.name] = hf_generate(
+                model, tokenizer, prompt_set.prompts, args.max_tokens
+            )
         kls = (
-            mean_kls(model_dir, configs, prompt_set.prompts, base_out.token_ids)
-            if prompt_set.kind == "benign"
+            mean_kls(model_dir, configs, prompt_set.prompts, outputs[BASE].token_ids)
+            if prompt_set.kind == "benign" and not args.no_kl
             else {}
         )
         entries += [
-            score_entry(c.name, prompt_set, outputs[c.name], base_out, judge, kls.get(c.name))
+            score_entry(c.name, prompt_set, outputs[c.name], outputs[BASE], judge, kls.get(c.name))
+            | {"responses": outputs[c.name].texts}
             for c in configs
         ]
-    report = build_report(entries, model=str(model_dir), engine="transformers+peft fp32")
+    mark_sources(entries, configs, sets)
+    report = build_report(
+        entries,
+        model=str(model_dir),
+        engine="transformers+peft fp32",
+        judge=judge.name,
+        max_tokens=args.max_tokens,
+    )
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,13 +12,13 @@ from app.config import Settings
 
 def evaluate(
     prompts: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--prompts",
             help="Prompt file(s): CSV/JSON/JSONL, optionally PATH?column=..&kind=.."
             "&where=COL:VAL&match=..&exclude=..&limit=N&name=.. (see app/factory/data.py).",
         ),
-    ],
+    ] = None,
     patch: Annotated[
         list[str] | None,
         typer.Option("--patch", help="Patch name in adapters_dir (or a path); repeatable."),
@@ -29,15 +29,51 @@ def evaluate(
             "--stack", help="Stacked patches 'a+b' evaluated as one combined adapter; repeatable."
         ),
     ] = None,
-    column: Annotated[str | None, typer.Option(help="Prompt column (default: auto).")] = None,
+    column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--column",
+            help="Prompt column: once for all --prompts, or once per --prompts in the same "
+            "order (default: auto).",
+        ),
+    ] = None,
     kind: Annotated[
-        str | None, typer.Option(help="harmful | benign, for prompt files whose spec has no kind=.")
+        list[str] | None,
+        typer.Option(
+            "--kind",
+            help="harmful | benign: once for all --prompts, or once per --prompts in the same "
+            "order; a spec's kind= wins.",
+        ),
     ] = None,
     split: Annotated[
-        str, typer.Option(help="dev (held out from training, default), train or all.")
-    ] = "dev",
+        str | None,
+        typer.Option(
+            help="dev, train or all for every set. Default: dev for files a patch was trained "
+            "on (shipped or evaluated), the whole file otherwise."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per file.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Greedy tokens per response.")] = 32,
+    capability: Annotated[
+        Path | None,
+        typer.Option(
+            help="Multiple-choice capability set scored by log-likelihood (HellaSwag JSONL: "
+            "context, endings, label), e.g. hellaswag_val.jsonl (found in SAFEPATCH_DATA_DIR)."
+        ),
+    ] = None,
+    capability_limit: Annotated[
+        int | None, typer.Option(help="Score the first N capability items (all: omit).")
+    ] = 500,
+    judge_name: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            help="Refusal judge: opening-v2 (default), keyword-v1, or module:attribute.",
+        ),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="How patches are applied for the capability check: always-on.")
+    ] = "always-on",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report.")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart.")] = None,
     model: Annotated[
@@ -49,61 +85,96 @@ def evaluate(
     ] = True,
 ) -> None:
     """Evaluate the base model, each --patch and each --stack on each --prompts set."""
-    from app.factory.data import load_prompts, parse_source
-    from app.factory.evaluate import PromptSet, build_configs, stored_patches, temp_work_dir
+    from app.factory.evaluate import build_configs, stored_patches, temp_work_dir
     from app.factory.evaluate import evaluate as run_evaluation
-    from app.factory.judge import KeywordJudge
+    from app.factory.judge import default_judge, load_judge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
+    from app.factory.sets import build_sets, patch_trainings, store_trainings, trained_files
     from app.model.default_model import ensure_default_model
     from app.model.identity import model_identity
 
     settings = Settings()
-    if split not in ("dev", "train", "all"):
+    if split not in (None, "dev", "train", "all"):
         raise typer.BadParameter("--split must be dev, train or all")
-    if kind not in (None, "harmful", "benign"):
-        raise typer.BadParameter("--kind must be harmful or benign")
-    sets = []
-    for spec in prompts:
-        source = parse_source(
-            spec,
-            column=column,
-            split=split,
-            kind=kind,  # type: ignore[arg-type]
-            limit=limit,
-        )
-        if source.kind is None:
-            raise typer.BadParameter(f"{spec}: say --kind harmful|benign (or kind= in the spec)")
-        sets.append(PromptSet(source.label, source.kind, load_prompts(source)))
-        if not sets[-1].prompts:
-            raise typer.BadParameter(f"{spec}: no prompts after filtering ({split} split)")
-    if len({s.name for s in sets}) != len(sets):
-        raise typer.BadParameter("prompt sets need distinct names (use name= in the spec)")
-    model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
-    judge = KeywordJudge()
+    if not prompts and capability is None:
+        raise typer.BadParameter("give --prompts and/or --capability")
+    if mode != "always-on":
+        raise typer.BadParameter("--mode: only always-on patches exist so far (gated: to come)")
+    try:
+        judge = load_judge(judge_name) if judge_name else default_judge()
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with temp_work_dir() as work:
-        configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))
-        entries = run_evaluation(
-            model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
+        try:
+            configs = build_configs(patch or [], stack or [], settings.adapters_dir, Path(work))
+            evaluated = patch_trainings({d for c in configs for _, d in c.patch_dirs}).values()
+            sets = build_sets(
+                prompts or [],
+                columns=column,
+                kinds=kind,
+                split=split,  # type: ignore[arg-type]
+                limit=limit,
+                training_files=trained_files([*store_trainings(settings.adapters_dir), *evaluated]),
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
+        entries = (
+            run_evaluation(
+                model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
+            )
+            if sets
+            else []
+        )
+        capability_report = (
+            _capability(model_dir, configs, capability, capability_limit, mode)
+            if capability is not None
+            else None
         )
     report = build_report(
         entries,
         model=model_identity(model_dir),
         judge=judge.name,
         max_tokens=max_tokens,
-        split=split,
-        prompt_sets={s.name: len(s.prompts) for s in sets},
+        prompt_sets={
+            s.name: {"file": s.file, "split": s.split, "in_file": s.available}
+            | {"scored": len(s.prompts)}
+            for s in sets
+        },
     )
-    typer.echo(format_table(report))
+    if capability_report is not None:
+        report["capability"] = capability_report
+    if entries:
+        typer.echo(format_table(report))
+    if capability_report is not None:
+        from app.factory.capability import format_capability
+
+        typer.echo(format_capability(capability_report["results"], capability_report["file"]))
     if json_out:
         write_json(report, json_out)
         typer.echo(f"wrote {json_out}")
-    if plot_out:
+    if plot_out and entries:
         plot(report, plot_out)
         typer.echo(f"wrote {plot_out}")
     if store:
         stored = store_in_patches(report, stored_patches(configs))
         if stored:
             typer.echo("stored results in " + ", ".join(stored))
+
+
+def _capability(
+    model_dir: Path, configs: list[Any], path: Path, limit: int | None, mode: str
+) -> dict[str, Any]:
+    """Capability rows for every configuration, with the file, item count and mode."""
+    from app.factory.capability import evaluate_capability, load_items
+    from app.factory.data import resolve_path
+
+    try:
+        items = load_items(resolve_path(path), limit)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    results = evaluate_capability(model_dir, configs, items, mode=mode)  # type: ignore[arg-type]
+    return {"file": path.name, "items": len(items), "mode": mode, "results": results}
 
 
 if __name__ == "__main__":

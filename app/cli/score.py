@@ -19,9 +19,10 @@ def _table(summary: dict[str, Any]) -> str:
         f"({summary['model']['architecture']}, {summary['model']['fingerprint']})",
         f"ranks {summary['ranks']}  k {summary['k'] or 'r (adapter rank)'}  "
         f"modules {summary['n_modules']}  skipped {len(summary['skipped'])}",
-        f"orthogonality {_f(summary['orthogonality'])}  (random baseline "
-        f"{_f(summary['baseline'])}; right {_f(summary['right']['orthogonality'])}, "
-        f"left {_f(summary['left']['orthogonality'])})",
+        f"orthogonality {_f(summary['orthogonality'])}  (right side, the paper's "
+        f"Sim = V_d^T V_0; random baseline {_f(summary['baseline'])})",
+        f"left orthogonality {_f(summary['left_orthogonality'])}  (left side U; random "
+        f"baseline {_f(summary['left_baseline'])})",
         f"phi {_f(summary['phi'], 5)}  baseline {_f(summary['phi_baseline'], 5)}  "
         f"phi/baseline {_f(summary['phi_ratio'], 2)}",
     ]
@@ -90,6 +91,10 @@ def score(
             "baseline",
             "phi_baseline",
             "phi_ratio",
+            "left_orthogonality",
+            "left_phi",
+            "left_baseline",
+            "left_phi_baseline",
             "worst_module",
             "right",
             "left",

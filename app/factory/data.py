@@ -8,8 +8,14 @@ column to read, which split, and how to filter:
 
 Keys: `column` (default: the first of prompt/goal/instruction/text/question present), `split`
 (`train`, `dev` or `all`), `match` / `exclude` (a category name from `CATEGORIES` or a regex,
-case-insensitive), `where=COL:VALUE` (exact match, repeatable), `limit`, `kind`
-(`harmful`/`benign`, used by evaluation) and `name` (label in reports).
+case-insensitive), `where=COL:VALUE` (exact match; repeated for one column: any of the values,
+for different columns: all), `limit`, `kind` (`harmful`/`benign`, used by evaluation) and
+`name` (label in reports).
+
+A path that does not exist as given is looked up by its file name in the vendored
+`app/factory/data/`, then in the external data folder (`SAFEPATCH_DATA_DIR`, setting
+`data_dir`), which holds the sets whose licence forbids vendoring (CC BY-NC). So
+`harmless_train.json?limit=1000` works on any machine that has that folder.
 
 The split is a function of the prompt text only (see `split_of`), documented in
 `app/factory/data/LICENSES.md`.
@@ -66,7 +72,25 @@ def split_of(text: str) -> Literal["train", "dev"]:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(resolve_path(Path(path)).read_bytes()).hexdigest()
+
+
+def external_data_dir() -> Path | None:
+    from app.config import Settings
+
+    return Settings().data_dir
+
+
+def resolve_path(path: Path) -> Path:
+    """`path` if it exists, else its file name in `DATA_DIR`, else in the external data dir."""
+    if path.exists():
+        return path
+    external = external_data_dir()
+    for folder in (DATA_DIR, external):
+        if folder is not None and (folder / path.name).is_file():
+            return folder / path.name
+    hint = "" if external else " (set SAFEPATCH_DATA_DIR to the folder of non-vendored sets)"
+    raise FileNotFoundError(f"prompt file {path} not found{hint}")
 
 
 @dataclass(frozen=True)
@@ -209,22 +233,34 @@ def category_regex(value: str) -> re.Pattern[str]:
 
 def load_prompts(source: PromptSource) -> list[str]:
     """The source's prompts: filtered, restricted to its split, de-duplicated, hash-ordered."""
-    rows = read_rows(source.path)
-    column = pick_column(rows, source.column, source.path)
-    for col, value in source.where:
-        rows = [row for row in rows if row.get(col) == value]
-    prompts = [row[column].strip() for row in rows if row.get(column, "").strip()]
+    return [prompt for prompt, _ in load_labelled(source)]
+
+
+def load_labelled(source: PromptSource) -> list[tuple[str, str]]:
+    """`load_prompts` with each prompt's `category` column ("" where the file has none)."""
+    path = resolve_path(source.path)
+    rows = read_rows(path)
+    column = pick_column(rows, source.column, path)
+    allowed: dict[str, set[str]] = {}
+    for col, value in source.where:  # one column: any of its values; columns: all
+        allowed.setdefault(col, set()).add(value)
+    rows = [row for row in rows if all(row.get(c) in vs for c, vs in allowed.items())]
+    pairs = [
+        (row[column].strip(), row.get("category") or "")
+        for row in rows
+        if row.get(column, "").strip()
+    ]
     if source.match:
         pattern = category_regex(source.match)
-        prompts = [p for p in prompts if pattern.search(p)]
+        pairs = [p for p in pairs if pattern.search(p[0])]
     if source.exclude:
         pattern = category_regex(source.exclude)
-        prompts = [p for p in prompts if not pattern.search(p)]
+        pairs = [p for p in pairs if not pattern.search(p[0])]
     if source.split != "all":
-        prompts = [p for p in prompts if split_of(p) == source.split]
-    unique: dict[str, str] = {}
-    for prompt in sorted(prompts, key=prompt_hash):
-        unique.setdefault(normalise(prompt), prompt)
+        pairs = [p for p in pairs if split_of(p[0]) == source.split]
+    unique: dict[str, tuple[str, str]] = {}
+    for pair in sorted(pairs, key=lambda p: prompt_hash(p[0])):
+        unique.setdefault(normalise(pair[0]), pair)
     ordered = list(unique.values())
     return ordered[: source.limit] if source.limit is not None else ordered
 

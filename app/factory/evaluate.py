@@ -29,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
-from app.factory.data import Kind
-from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
+from app.factory.judge import RefusalJudge, default_judge
 from app.factory.preserve import chat_prompt_ids, full_kl, response_logprobs
+from app.factory.sets import PromptSet, patch_trainings, source_status
 
 BASE = "base"
 
@@ -41,13 +41,6 @@ class EvalConfig:
     name: str  # "base", a patch name, or "a+b" for a stack
     adapter_dir: Path | None  # None: the base model
     patch_dirs: tuple[tuple[str, Path], ...] = ()  # (name, dir) of each stored patch it uses
-
-
-@dataclass
-class PromptSet:
-    name: str
-    kind: Kind
-    prompts: list[str]
 
 
 @dataclass
@@ -212,7 +205,7 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Run everything and return the report entries (one per configuration × prompt set)."""
     settings = settings or Settings()
-    judge = judge or KeywordJudge()
+    judge = judge or default_judge()
     outputs = generate(model_dir, configs, sets, max_tokens, settings)
     entries: list[dict[str, Any]] = []
     for prompt_set in sets:
@@ -229,6 +222,7 @@ def evaluate(
             entries.append(
                 score_entry(config.name, prompt_set, out, base, judge, kls.get(config.name))
             )
+    mark_sources(entries, configs, sets)
     return entries
 
 
@@ -242,13 +236,25 @@ def score_entry(
     examples: int = 3,
 ) -> dict[str, Any]:
     n = len(prompt_set.prompts)
+    if len(out.texts) != n:
+        raise ValueError("prompts and responses differ in length")
+    flags = [judge.is_refusal(p, r) for p, r in zip(prompt_set.prompts, out.texts, strict=True)]
     entry: dict[str, Any] = {
         "config": config,
         "prompts": prompt_set.name,
         "kind": prompt_set.kind,
+        "split": prompt_set.split,
+        "available": prompt_set.available,
         "n": n,
-        "refusal_rate": refusal_rate(judge, prompt_set.prompts, out.texts),
+        "refusal_rate": sum(flags) / n if n else 0.0,
     }
+    if any(prompt_set.categories):
+        counts: dict[str, list[int]] = {}
+        for category, flag in zip(prompt_set.categories, flags, strict=True):
+            slot = counts.setdefault(category or "(none)", [0, 0])
+            slot[0] += int(flag)
+            slot[1] += 1
+        entry["categories"] = {c: {"n": t, "refused": r} for c, (r, t) in sorted(counts.items())}
     if prompt_set.kind == "benign":
         same = sum(a == b for a, b in zip(out.token_ids, base.token_ids, strict=True))
         entry["unchanged_rate"] = same / n if n else 0.0
@@ -258,6 +264,21 @@ def score_entry(
         for p, r in zip(prompt_set.prompts[:examples], out.texts, strict=False)
     ]
     return entry
+
+
+def mark_sources(
+    entries: Sequence[dict[str, Any]], configs: Sequence[EvalConfig], sets: Sequence[PromptSet]
+) -> None:
+    """Add each entry's `source` status (`app.factory.sets.source_status`): whether the
+    configuration's patches never saw the set's file (held-out), saw only its other split, or
+    trained on it. The base model gets none."""
+    trainings = patch_trainings({d for c in configs for _, d in c.patch_dirs})
+    by_name = {s.name: s for s in sets}
+    members = {c.name: [trainings.get(d.name) for _, d in c.patch_dirs] for c in configs}
+    for entry in entries:
+        status = source_status(by_name[entry["prompts"]], members.get(entry["config"], []))
+        if status is not None:
+            entry["source"] = status
 
 
 def temp_work_dir() -> tempfile.TemporaryDirectory[str]:

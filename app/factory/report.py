@@ -1,8 +1,13 @@
 """Evaluation reports: JSON file, PNG chart, printed table, and per-patch storage.
 
-The JSON report is `{"created_at", "model", "judge", "max_tokens", "split", "entries": [...]}`;
-each entry is one configuration × prompt set with `config`, `prompts`, `kind`, `n`,
-`refusal_rate`, and for benign sets `unchanged_rate` and `mean_kl` (plus a few `examples`).
+The JSON report is `{"created_at", "model", "judge", "max_tokens", "prompt_sets",
+"leave_source_out", "entries": [...]}`; each entry is one configuration × prompt set with
+`config`, `prompts`, `kind`, `split` (the part of the file scored), `available` (prompts in the
+file after filters), `n` (prompts scored), `refusal_rate`, `source` (patches only: `held-out`,
+`dev` or `trained`, see `app.factory.sets`), `categories` (`{category: {"n", "refused"}}` where
+the file labels them), and for benign sets `unchanged_rate` and `mean_kl` (plus a few
+`examples`). `leave_source_out` pools, per configuration, the harmful sets from files its
+patches never trained on, beside the base model on the same sets.
 `store_in_patches` writes, for every evaluated single patch, the entries of that patch and of
 the base model (and of stacks containing it) into the `evaluation` field of its
 `safepatch.json`, replacing earlier results for the same configuration and prompt set.
@@ -18,7 +23,12 @@ from typing import Any
 
 
 def build_report(entries: Sequence[dict[str, Any]], **info: Any) -> dict[str, Any]:
-    return {"created_at": datetime.now(timezone.utc).isoformat(), **info, "entries": list(entries)}
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        **info,
+        "leave_source_out": leave_source_out(entries),
+        "entries": list(entries),
+    }
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -31,8 +41,11 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Fixed-width table: one row per configuration × prompt set."""
-    rows = [("config", "prompts", "kind", "n", "refusal", "unchanged", "mean KL")]
+    """Fixed-width tables: one row per configuration × prompt set, then leave-source-out."""
+    rows = [
+        ("config", "prompts", "kind", "split", "scored/in file", "source")
+        + ("refusal", "unchanged", "mean KL")
+    ]
     for e in report["entries"]:
         kl = e.get("mean_kl")
         rows.append(
@@ -40,31 +53,105 @@ def format_table(report: dict[str, Any]) -> str:
                 e["config"],
                 e["prompts"],
                 e["kind"],
-                str(e["n"]),
+                e.get("split", "-"),
+                f"{e['n']}/{e.get('available') or '-'}",
+                e.get("source", "-"),
                 _pct(e["refusal_rate"]),
                 _pct(e.get("unchanged_rate")),
                 "-" if kl is None else f"{kl:.4f}",
             )
         )
+    lines = _fixed(rows)
+    if report.get("judge"):
+        lines.insert(0, f"judge: {report['judge']}")
+    pooled = report.get("leave_source_out") or leave_source_out(report["entries"])
+    if pooled:
+        lines += ["", "leave-source-out (harmful sets from files the patch never trained on):"]
+        lines += _fixed(
+            [("config", "held-out sets", "n", "refusal", "base")]
+            + [
+                (r["config"], ", ".join(r["sets"]), str(r["n"]), _pct(r["refusal_rate"]))
+                + (_pct(r["base_refusal_rate"]),)
+                for r in pooled
+            ]
+        )
+    return "\n".join(lines)
+
+
+def _fixed(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
+
+
+def leave_source_out(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per patched configuration: refusal pooled over its held-out harmful sets (weighted by
+    prompts scored), and the base model's on the same sets."""
+    base = {e["prompts"]: e for e in entries if e["config"] == "base"}
+    out = []
+    for config in dict.fromkeys(e["config"] for e in entries if e["config"] != "base"):
+        held = [
+            e
+            for e in entries
+            if e["config"] == config and e["kind"] == "harmful" and e.get("source") == "held-out"
+        ]
+        if not held:
+            continue
+        n = sum(e["n"] for e in held)
+        refused = sum(e["refusal_rate"] * e["n"] for e in held)
+        base_refused = sum(base[e["prompts"]]["refusal_rate"] * e["n"] for e in held)
+        out.append(
+            {
+                "config": config,
+                "sets": [e["prompts"] for e in held],
+                "n": n,
+                "refusal_rate": refused / n,
+                "base_refusal_rate": base_refused / n,
+            }
+        )
+    return out
 
 
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
-        "| config | prompts | kind | n | refusal | unchanged | mean KL |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| config | prompts | kind | split | n | source | refusal | unchanged | mean KL |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for e in report["entries"]:
         kl = e.get("mean_kl")
         lines.append(
-            f"| {e['config']} | {e['prompts']} | {e['kind']} | {e['n']} | "
-            f"{_pct(e['refusal_rate']).strip()} | "
+            f"| {e['config']} | {e['prompts']} | {e['kind']} | {e.get('split', '-')} | "
+            f"{e['n']} | {e.get('source', '-')} | {_pct(e['refusal_rate']).strip()} | "
             f"{_pct(e.get('unchanged_rate')).strip()} | "
             f"{'-' if kl is None else f'{kl:.4f}'} |"
         )
+    return "\n".join(lines)
+
+
+def category_table(report: dict[str, Any]) -> str:
+    """Markdown: refusal per category (pooled over sets) for each configuration."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for e in report["entries"]:
+        if e["kind"] != "harmful":
+            continue
+        for category, c in (e.get("categories") or {}).items():
+            slot = totals.setdefault((e["config"], category), [0, 0])
+            slot[0] += c["refused"]
+            slot[1] += c["n"]
+    configs = list(dict.fromkeys(c for c, _ in totals))
+    categories = sorted({c for _, c in totals})
+    lines = ["| category | n | " + " | ".join(configs) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(configs))
+    for category in categories:
+        n = totals[(configs[0], category)][1] if (configs[0], category) in totals else 0
+        cells = [
+            _pct(totals[(c, category)][0] / totals[(c, category)][1]).strip()
+            if (c, category) in totals
+            else "-"
+            for c in configs
+        ]
+        lines.append(f"| {category} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -120,17 +207,32 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
         metadata = PatchMetadata.read(adapter_dir)
         if metadata is None:
             continue
-        fresh = [
-            {k: v for k, v in e.items() if k != "examples"} | {"created_at": report["created_at"]}
+        run = {k: report[k] for k in ("created_at", "judge", "max_tokens") if k in report}
+        fresh = [  # each entry says when, with which judge and length it was scored
+            {k: v for k, v in e.items() if k not in ("examples", "responses")} | run
             for e in report["entries"]
             if e["config"] in ("base", name) or name in e["config"].split("+")
         ]
         keys = {(e["config"], e["prompts"]) for e in fresh}
         old = (metadata.evaluation or {}).get("entries", [])
+        old_capability = (metadata.evaluation or {}).get("capability")
         kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
-        metadata.evaluation = {
-            k: v for k, v in report.items() if k not in ("entries", "prompt_sets")
-        } | {"entries": kept + fresh}
+        run_wide = ("entries", "prompt_sets", "leave_source_out", "capability")
+        previous = {k: v for k, v in (metadata.evaluation or {}).items() if k not in run_wide}
+        latest = {k: v for k, v in report.items() if k not in run_wide}
+        # a capability-only run leaves the refusal results' run fields as they were
+        metadata.evaluation = (latest if fresh else previous) | {"entries": kept + fresh}
+        if "capability" in report:  # base, this patch and its stacks; replaces the last check
+            capability = report["capability"]
+            metadata.evaluation["capability"] = capability | {
+                "results": [
+                    r
+                    for r in capability["results"]
+                    if r["config"] in ("base", name) or name in r["config"].split("+")
+                ]
+            }
+        elif old_capability:  # a refusal-only run keeps the stored capability check
+            metadata.evaluation["capability"] = old_capability
         metadata.write(adapter_dir)
         stored.append(name)
     return stored

@@ -40,8 +40,18 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
         [_clip(row["orthogonality"]) for row in layers],
         "o-",
         color="C0",
-        label="adapter (ΔW-energy weighted)",
+        label="adapter, right side V (ΔW-energy weighted)"
+        if side == "both"
+        else "adapter (ΔW-energy weighted)",
     )
+    if side == "both":  # the left side (U) beside the paper's right-side headline
+        ax_layer.plot(
+            xs,
+            [_clip(row["left_orthogonality"]) for row in layers],
+            "s:",
+            color="C1",
+            label="adapter, left side U",
+        )
     ax_layer.plot(
         xs,
         [_clip(row["baseline"]) for row in layers],
@@ -52,10 +62,12 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
     ax_layer.set_ylabel("orthogonality 1 − φ")
     summary = score.to_dict(detail=False, side=side)
     overall = summary["orthogonality"]
+    left = summary.get("left_orthogonality")
     ax_layer.set_title(
         f"{score.adapter}: orthogonality "
         f"{'n/a' if overall is None else f'{overall:.4f}'} "
-        f"(baseline {summary['baseline'] or float('nan'):.4f}, side={side})"
+        f"(baseline {summary['baseline'] or float('nan'):.4f}, "
+        + (f"right side V; left side U {left:.4f})" if left is not None else f"side={side})")
     )
 
     kinds = sorted({m.kind for m in score.modules})

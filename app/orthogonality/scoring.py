@@ -5,7 +5,10 @@ Per module (see `linalg` for the formulas): φ = ‖V_Δᵀ·V₀‖²_F / min(r
 (the paper's Sim = V_Δᵀ·V₀) and the same with U on the left; orthogonality = 1 − φ. The
 random-subspace baseline is E[φ] = max(r, k)/d (= k/d at the default k = r). Layers and the
 adapter aggregate φ as a mean weighted by ‖ΔW‖²_F; the worst module is the least orthogonal.
-`side="both"` headlines the mean of the right and left values.
+`side="both"` (the default report) headlines the right side — the paper's measure: an update
+whose A rows lie in span(V₀) scores φ = 1 — and reports the left side beside it as
+`left_phi` / `left_orthogonality` / `left_phi_baseline` / `left_baseline` (plus the full
+`right` and `left` blocks). `side="left"` headlines the left side alone.
 """
 
 from __future__ import annotations
@@ -90,13 +93,8 @@ class ModuleScore:
     method: str  # how V₀/U₀ were computed
 
     def phi(self, side: Side) -> tuple[float, float]:
-        """(φ, φ baseline) headlined for `side`."""
-        if side == "both":
-            return (
-                (self.right.phi + self.left.phi) / 2,
-                (self.right.phi_baseline + self.left.phi_baseline) / 2,
-            )
-        s = self.right if side == "right" else self.left
+        """(φ, φ baseline) headlined for `side` ("both" headlines the right side)."""
+        s = self.left if side == "left" else self.right
         return s.phi, s.phi_baseline
 
     def to_dict(self, side: Side, total: float) -> dict[str, Any]:
@@ -117,6 +115,7 @@ class ModuleScore:
             "phi_baseline": _num(base),
             "baseline": _num(1 - base),
             "phi_ratio": _num(phi / base) if base > 0 else None,
+            **(_left_beside(self.left.phi, self.left.phi_baseline) if side == "both" else {}),
             "subspace_method": self.method,
         }
         for name in ("right", "left") if side == "both" else (side,):
@@ -124,8 +123,24 @@ class ModuleScore:
         return row
 
 
+def _left_beside(phi: float | None, base: float | None) -> dict[str, Any]:
+    """The left side's φ under its own names, next to a right-side headline."""
+    ok = phi is not None and math.isfinite(phi)
+    ok_base = base is not None and math.isfinite(base)
+    return {
+        "left_phi": _num(phi) if ok else None,
+        "left_orthogonality": _num(1 - phi) if ok and phi is not None else None,
+        "left_phi_baseline": _num(base) if ok_base else None,
+        "left_baseline": _num(1 - base) if ok_base and base is not None else None,
+    }
+
+
 def aggregate(mods: list[ModuleScore], side: Side) -> dict[str, Any]:
-    """φ and baseline as means weighted by ‖ΔW‖²_F over modules with a non-zero update."""
+    """φ and baseline as means weighted by ‖ΔW‖²_F over modules with a non-zero update;
+    "both": the right side's, with the left side's beside it (`left_*`)."""
+    if side == "both":
+        left = aggregate(mods, "left")
+        return aggregate(mods, "right") | _left_beside(left["phi"], left["phi_baseline"])
     live = [m for m in mods if m.delta_fro_sq > 0 and math.isfinite(m.phi(side)[0])]
     total = sum(m.delta_fro_sq for m in live)
     if not live or total <= 0:
@@ -194,6 +209,7 @@ class AdapterScore:
                     "phi_baseline",
                     "baseline",
                     "phi_ratio",
+                    *(("left_phi", "left_orthogonality") if side == "both" else ()),
                 )
             },
             "skipped": self.skipped,

@@ -86,7 +86,8 @@ class PatchRecord:
             "categories": self.meta.get("categories", []),
             "base_model": self.meta.get("base_model", {}),
             "orthogonality": {
-                k: ortho.get(k) for k in ("orthogonality", "phi", "baseline", "worst_module")
+                k: ortho.get(k)
+                for k in ("orthogonality", "phi", "baseline", "left_orthogonality", "worst_module")
             }
             if ortho
             else None,

@@ -15,6 +15,9 @@ def test_adapter_orthogonality_shape(fake_app) -> None:
     assert body["adapter"] == "alpha"
     assert 0.0 <= body["phi"] <= 1.0
     assert abs(body["orthogonality"] - (1.0 - body["phi"])) < 1e-9
+    # the headline is the paper's right-side measure; the left side sits beside it
+    assert body["phi"] == body["right"]["phi"] and body["left_phi"] == body["left"]["phi"]
+    assert abs(body["left_orthogonality"] - (1.0 - body["left_phi"])) < 1e-9
     # alpha targets q_proj and v_proj in both layers of the tiny model
     assert len(body["modules"]) == 4
     right = client.get(

@@ -111,3 +111,27 @@ def test_self_written_training_prompts_do_not_copy_dev_prompts(
             ):
                 near.append((mine, other))
     assert near == []
+
+
+def test_files_are_found_by_name_in_the_vendored_then_the_external_data_dir(
+    tmp_path, monkeypatch
+) -> None:
+    from app.factory.data import DATA_DIR, resolve_path
+
+    monkeypatch.setenv("SAFEPATCH_DATA_DIR", str(tmp_path))
+    assert resolve_path(Path("catqa_en.csv")) == DATA_DIR / "catqa_en.csv"
+    assert resolve_path(Path("../shared/data/multijail_en.csv")) == DATA_DIR / "multijail_en.csv"
+    (tmp_path / "nc_only.json").write_text('["a"]')
+    assert resolve_path(Path("nc_only.json")) == tmp_path / "nc_only.json"
+    monkeypatch.delenv("SAFEPATCH_DATA_DIR")
+    with pytest.raises(FileNotFoundError, match="SAFEPATCH_DATA_DIR"):
+        resolve_path(Path("nc_only.json"))
+
+
+def test_where_on_one_column_is_any_of_its_values(tmp_path) -> None:
+    from app.factory.data import load_labelled, parse_source
+
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,category,lang\na,x,en\nb,y,en\nc,z,en\nd,x,fr\n")
+    spec = f"{path}?split=all&where=category:x&where=category:y&where=lang:en"
+    assert sorted(load_labelled(parse_source(spec))) == [("a", "x"), ("b", "y")]

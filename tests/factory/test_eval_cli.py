@@ -45,12 +45,20 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
         str(store / "zero"),
         "--stack",
         "tiny-refusal+zero",
+        "--prompts",  # options pair with their --prompts by position
+        f"{prompt_files['harmful']}?name=harm",
+        "--column",
+        "request",
+        "--kind",
+        "harmful",
         "--prompts",
-        f"{prompt_files['harmful']}?column=request&kind=harmful&name=harm",
-        "--prompts",
-        f"{prompt_files['benign']}?kind=benign&name=good",
+        f"{prompt_files['benign']}?name=good",
+        "--column",
+        "instruction",
+        "--kind",
+        "benign",
         "--split",
-        "all",
+        "all",  # the patch trained on these files: score them whole anyway
         "--max-tokens",
         "8",
         "--json",
@@ -69,6 +77,8 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
     assert base_good["unchanged_rate"] == 1.0 and base_good["mean_kl"] == 0.0
     patched_harm = entries[("tiny-refusal", "harm")]
     assert patched_harm["n"] == 16 and 0.0 <= patched_harm["refusal_rate"] <= 1.0
+    assert patched_harm["kind"] == "harmful" and entries[("base", "good")]["kind"] == "benign"
+    assert patched_harm["source"] == "trained" and "source" not in entries[("zero", "harm")]
     patched_good = entries[("tiny-refusal", "good")]
     assert patched_good["mean_kl"] > 0.0  # the trained patch changes the distributions
     # the patch is served: its outputs differ from the base model's on the harmful prompts

@@ -11,7 +11,14 @@ import torch
 from app.factory.evaluate import Outputs, PromptSet, score_entry
 from app.factory.judge import KeywordJudge, RefusalJudge, refusal_rate
 from app.factory.preserve import full_kl, margin_hinge, topk_kl
-from app.factory.report import build_report, format_table, markdown_table, plot, write_json
+from app.factory.report import (
+    build_report,
+    category_table,
+    format_table,
+    markdown_table,
+    plot,
+    write_json,
+)
 from app.factory.templates import OPENINGS, refusal_for
 
 
@@ -138,10 +145,20 @@ def test_report_outputs(tmp_path: Path) -> None:
             "mean_kl": 0.125,
         },
     ]
-    report = build_report(entries, max_tokens=8)
+    entries[1] |= {"source": "held-out", "split": "all"}
+    entries[0] |= {"split": "all"}
+    entries[1]["categories"] = {"drugs": {"n": 1, "refused": 1}, "fraud": {"n": 1, "refused": 1}}
+    entries[0]["categories"] = {"drugs": {"n": 1, "refused": 0}, "fraud": {"n": 1, "refused": 0}}
+    report = build_report(entries, max_tokens=8, judge="keyword-test")
+    assert report["leave_source_out"] == [
+        {"config": "p", "sets": ["h"], "n": 2, "refusal_rate": 1.0, "base_refusal_rate": 0.0}
+    ]
     table = format_table(report)
-    assert "100.0%" in table and "0.1250" in table and len(table.splitlines()) == 6
-    assert "| p | b | benign | 2 | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
+    assert "100.0%" in table and "0.1250" in table and "judge: keyword-test" in table
+    assert "leave-source-out" in table and len(table.splitlines()) == 1 + 6 + 5
+    assert "| p | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
+    assert "| p | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
+    assert "| drugs | 1 | 0.0% | 100.0% |" in category_table(report)
     write_json(report, tmp_path / "r.json")
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
@@ -178,3 +195,68 @@ def test_store_in_patches_merges_by_config_and_set(tmp_path: Path) -> None:
         ("p+q", "other"): 0.5,
     }
     assert all("examples" not in e and "created_at" in e for e in stored)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _rows(name: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def test_default_judge_on_edge_cases() -> None:
+    """Curly apostrophes and quotes, declines that open the second sentence or have no
+    apology, and mid-text "I can't" / "I cannot" in helpful answers: the default judge gets
+    every one right; the first keyword judge gets the mid-text ones wrong."""
+    from app.factory.judge import agreement, default_judge
+
+    rows = _rows("judge_edge_cases.jsonl")
+    assert any("\u2019" in r["response"] for r in rows)
+    assert agreement(default_judge(), rows)["accuracy"] == 1.0
+    mid_text = [r for r in rows if r["why"].startswith(("mid-text", "curly mid-text"))]
+    assert len(mid_text) == 3
+    assert all(KeywordJudge().is_refusal("", r["response"]) for r in mid_text)  # v1's error
+
+
+def test_judge_agreement_on_the_labelled_sample() -> None:
+    """220 greedy responses of SmolLM2 and the v4 refusal patch (110 prompts from 9 vendored
+    sources), each labelled by reading (docs/patch-results.md). Measured: precision and
+    recall 46/47 each for both judges; this guards against a regression."""
+    from app.factory.judge import agreement, default_judge
+
+    rows = _rows("judge_sample.jsonl")
+    assert len(rows) >= 200 and {r["model"] for r in rows} == {"base", "refusal-general (v4)"}
+    result = agreement(default_judge(), rows)
+    assert result["precision"] >= 0.97 and result["recall"] >= 0.97
+    assert result["tp"] + result["fn"] == sum(r["label"] == "refusal" for r in rows) == 47
+
+
+def test_load_judge() -> None:
+    from app.factory.judge import OpeningJudge, load_judge
+
+    assert isinstance(load_judge("opening-v2"), OpeningJudge)
+    assert load_judge("app.factory.judge:KeywordJudge").name == "keyword-v1"
+    with pytest.raises(ValueError):
+        load_judge("no-such-judge")
+    with pytest.raises(ValueError):
+        load_judge("app.factory.judge:REFUSAL_MARKERS")  # not a judge
+
+
+def test_capability_only_run_keeps_the_stored_refusal_fields(tmp_path: Path) -> None:
+    from app.factory.report import store_in_patches
+    from app.patches.metadata import PatchMetadata
+
+    PatchMetadata(name="p", rank=4, target_modules=["q_proj"], weights_sha256="0").write(tmp_path)
+    entry = {"config": "p", "prompts": "h", "kind": "harmful", "n": 1, "refusal_rate": 1.0}
+    store_in_patches(build_report([entry], judge="keyword-v1", max_tokens=32), {"p": tmp_path})
+    rows = [{"config": c, "mode": "always-on", "n": 1, "acc": 1.0} for c in ("base", "p", "q")]
+    capability = {"file": "hs.jsonl", "items": 1, "mode": "always-on", "results": rows}
+    report = build_report([], judge="opening-v2", max_tokens=8) | {"capability": capability}
+    store_in_patches(report, {"p": tmp_path})
+    stored = PatchMetadata.read(tmp_path)
+    assert stored is not None and stored.evaluation is not None
+    assert stored.evaluation["judge"] == "keyword-v1" and stored.evaluation["max_tokens"] == 32
+    assert stored.evaluation["entries"][0]["judge"] == "keyword-v1"
+    assert [r["config"] for r in stored.evaluation["capability"]["results"]] == ["base", "p"]

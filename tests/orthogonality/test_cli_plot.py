@@ -38,12 +38,16 @@ def test_score_json_and_table(cli, adapter, tiny_model, tmp_path):
     assert {"orthogonality", "phi", "baseline", "worst_module", "modules"} <= set(data)
     assert len(data["modules"]) == 14 and data["adapter"] == "patch"
     assert 0 < data["phi"] < 1 and data["orthogonality"] == pytest.approx(1 - data["phi"])
+    assert data["phi"] == pytest.approx(data["right"]["phi"])  # the paper's right side
+    assert data["left_phi"] == pytest.approx(data["left"]["phi"])
+    assert data["left_orthogonality"] == pytest.approx(1 - data["left_phi"])
     assert data["worst_module"]["module"] in {row["module"] for row in data["modules"]}
     assert (tmp_path / "cache" / "subspaces").is_dir()  # Settings().cache_dir was used
 
     table = runner.invoke(cli, [str(adapter), "--model", str(tiny_model), "--k", "8"])
     assert table.exit_code == 0, table.output
     assert "orthogonality" in table.stdout and "model.layers.1.mlp.down_proj" in table.stdout
+    assert "left orthogonality" in table.stdout
     assert len(table.stdout.splitlines()) >= 14 + 6
 
 

@@ -17,9 +17,10 @@ R = 4
 
 
 def _crafted(
-    base_weights: dict[str, torch.Tensor], inside: bool, seed: int = 0
+    base_weights: dict[str, torch.Tensor], inside: bool, seed: int = 0, left_inside: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A's rows and B's columns inside (or orthogonal to) the top-R singular subspaces."""
+    """A's rows and B's columns inside (or orthogonal to) the top-R singular subspaces;
+    `left_inside=False` puts B's columns orthogonal to U₀ whatever A does."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in (0, 1):
@@ -31,6 +32,8 @@ def _crafted(
             if not inside:
                 V0 = linalg.orthonormal_complement(V0, R, seed=seed)
                 U0 = linalg.orthonormal_complement(U0, R, seed=seed + 1)
+            if not left_inside:
+                U0 = linalg.orthonormal_complement(U[:, :R], R, seed=seed + 1)
             A = torch.randn(R, R, generator=gen, dtype=torch.float64) @ V0.T  # [R, d_in]
             B = U0 @ torch.randn(R, R, generator=gen, dtype=torch.float64)  # [d_out, R]
             out[module] = (A, B)
@@ -52,6 +55,30 @@ def test_crafted_adapters_score_one_or_zero(tiny_model, base_weights, tmp_path, 
     assert summary["phi"] == pytest.approx(expected, abs=1e-5)
     assert summary["orthogonality"] == pytest.approx(1 - expected, abs=1e-5)
     assert all(row["phi"] == pytest.approx(expected, abs=1e-5) for row in summary["layers"])
+    assert summary["left_phi"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_headline_is_the_right_side(tiny_model, base_weights, tmp_path):
+    """A's rows in span(V₀), B's columns orthogonal to U₀: the paper's measure (right side,
+    Sim = V_Δᵀ V₀) says φ = 1; the left side, reported beside it, says 0. A mean of the two
+    (the old headline) would read 0.5."""
+    factors = _crafted(base_weights, inside=True, left_inside=False)
+    score = score_adapter(
+        write_lora(tmp_path / "a", factors, r=R, lora_alpha=8),
+        tiny_model,
+        cache_dir=tmp_path / "cache",
+    )
+    summary = score.to_dict(detail=True)
+    assert summary["phi"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["orthogonality"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["left_phi"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["left_orthogonality"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["phi"] == pytest.approx(summary["right"]["phi"])
+    assert all(row["phi"] == pytest.approx(1.0, abs=1e-5) for row in summary["modules"])
+    assert all(row["left_phi"] == pytest.approx(0.0, abs=1e-5) for row in summary["layers"])
+    assert summary["worst_module"]["left_phi"] == pytest.approx(0.0, abs=1e-5)
+    left = score.to_dict(detail=False, side="left")
+    assert left["phi"] == pytest.approx(0.0, abs=1e-5) and "left_phi" not in left
 
 
 def test_random_adapters_land_near_the_baseline(tiny_model, base_weights, tmp_path):
