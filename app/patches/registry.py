@@ -138,6 +138,7 @@ class PatchRegistry:
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self.targets = ServingTargets(cache_dir / "stacked", max_rank, max_stacked)
+        self._pin_lock = asyncio.Lock()
 
     @property
     def engine(self) -> EngineClient | None:
@@ -273,15 +274,18 @@ class PatchRegistry:
         await self.targets.unload_retired()
 
     async def set_pinned(self, name: str, pinned: bool, actor: str) -> PatchRecord:
-        record = self.get(name)
-        if self.engine is not None and self.engine.is_ready:
-            # the LoRA that really serves this patch (a folded copy for serve_folded ones);
-            # engine first, so a refusal (no free slot) leaves the database unchanged
-            target = await self.targets.for_patches([record])
-            assert target is not None  # one patch
-            await self.targets.set_pinned(target, pinned)
-        await asyncio.to_thread(self._mark_pinned, name, pinned, actor)
-        return self.get(name)
+        # One pin change at a time, engine and database together: two concurrent calls must
+        # not land in the engine in one order and in the database in the other.
+        async with self._pin_lock:
+            record = self.get(name)
+            if self.engine is not None and self.engine.is_ready:
+                # the LoRA that really serves this patch (a folded copy for serve_folded
+                # ones); engine first, so a refusal (no free slot) leaves the database as is
+                target = await self.targets.for_patches([record])
+                assert target is not None  # one patch
+                await self.targets.set_pinned(target, pinned)
+            await asyncio.to_thread(self._mark_pinned, name, pinned, actor)
+            return self.get(name)
 
     def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:
         """Save a background result (`orthogonality` or `evaluation`) with the patch."""

@@ -120,7 +120,7 @@ def test_files_are_found_by_name_in_the_vendored_then_the_external_data_dir(
 
     monkeypatch.setenv("SAFEPATCH_DATA_DIR", str(tmp_path))
     assert resolve_path(Path("catqa_en.csv")) == DATA_DIR / "catqa_en.csv"
-    assert resolve_path(Path("../shared/data/multijail_en.csv")) == DATA_DIR / "multijail_en.csv"
+    assert resolve_path(Path("/nowhere/multijail_en.csv")) == DATA_DIR / "multijail_en.csv"
     (tmp_path / "nc_only.json").write_text('["a"]')
     assert resolve_path(Path("nc_only.json")) == tmp_path / "nc_only.json"
     monkeypatch.delenv("SAFEPATCH_DATA_DIR")

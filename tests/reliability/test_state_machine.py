@@ -74,6 +74,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.escaped: list[dict[str, Any]] = []
         self.loop.set_exception_handler(lambda _loop, context: self.escaped.append(context))
         self.tasks: list[asyncio.Task[Any]] = []
+        self.deleting: list[tuple[str, asyncio.Task[Any]]] = []  # deletes in flight
         self.open: list[tuple[LoraTarget | None, Any]] = []  # requests holding a lease
 
     # --- rules -----------------------------------------------------------------------
@@ -99,6 +100,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def delete(self, data: st.DataObject) -> None:
         (name,) = self._names(data, 1, 1)
         self._spawn(self.registry.delete(name, "sm"))
+        self.deleting.append((name, self.tasks[-1]))
 
     @rule(data=st.data(), pinned=st.booleans())
     def pin(self, data: st.DataObject, pinned: bool) -> None:
@@ -164,8 +166,11 @@ class RegistryMachine(RuleBasedStateMachine):
     @invariant()
     def deleted_patches_are_not_resolvable(self) -> None:
         active = {r.name for r in self.registry.list()}
+        # a delete in flight: committed (the snapshot shows it) before its coroutine resumes
+        # to retire the LoRA; no request can resolve it meanwhile (checked below)
+        in_flight = {name for name, task in self.deleting if not task.done()}
         for target in self.targets.live_targets():
-            assert set(target.name.split("+")) <= active, target
+            assert set(target.name.split("+")) <= active | in_flight, target
         for name in set(NAMES) - active:
             resolving = self.registry.lora_for([name])  # synchronous for a missing patch
             with pytest.raises(NotFound):
@@ -217,11 +222,10 @@ class RegistryMachine(RuleBasedStateMachine):
 
     # --- helpers ---------------------------------------------------------------------
     def _names(self, data: st.DataObject, least: int, most: int) -> list[str]:
-        """Patch names, mostly registered ones (else rules would mostly meet 404s)."""
-        active = sorted(r.name for r in self.registry.list())
-        any_name = not active or data.draw(st.integers(0, 4), label="any name") == 0
-        pool = NAMES if any_name else active
-        names = st.lists(st.sampled_from(pool), min_size=least, max_size=most, unique=True)
+        """Patch names from the fixed pool. Not drawn from the registry's current list: that
+        follows a snapshot refreshed in the background, and Hypothesis needs draws that do not
+        depend on timing to replay and shrink a case."""
+        names = st.lists(st.sampled_from(NAMES), min_size=least, max_size=most, unique=True)
         return data.draw(names, label="names")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
