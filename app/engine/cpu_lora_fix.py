@@ -8,9 +8,10 @@ gathers a (tokens, out, in) weight copy per module per step. `app.engine.cpu_lor
 rows by slot instead (one GEMM per slot, base rows skipped); this module installs it:
 
 - op level: the six `bgmv_*` / `sgmv_*` ops in `lora_ops` and in `punica_cpu`'s bindings;
-- wrapper level: `PunicaWrapperCPU`'s `_shrink_*` / `_expand_*` methods, which read one slot
-  grouping built per step in `update_metadata` instead of regrouping in each of the ~400 op
-  calls of a forward pass.
+- wrapper level: `PunicaWrapperCPU.add_lora_linear` (a whole layer, all slices, per slot:
+  one gather of x, one write of the delta) and its `_shrink_*` / `_expand_*` methods, all
+  reading one slot grouping built per step in `update_metadata` instead of regrouping in
+  each of the ~400 op calls of a forward pass.
 
 Both levels check vLLM's signatures first and leave vLLM alone if they differ. Registered as a
 `vllm.general_plugins` entry point, so it runs in every vLLM process (engine core, workers,
@@ -35,6 +36,7 @@ from app.engine.cpu_lora_ops import (
     bgmv_expand_slice,
     bgmv_shrink,
     grouped_expand,
+    grouped_lora_linear,
     grouped_shrink,
 )
 
@@ -66,6 +68,8 @@ _EXPECTED_METHODS = {
     + ["add_inputs"],
     "_expand_slice_decode": ["self", "y", "x", "w_t_all", "y_offset", "y_slice_size"]
     + ["add_inputs"],
+    "add_lora_linear": ["self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale"]
+    + ["output_slices", "buffer", "kwargs"],
 }
 _GROUPS_ATTR = "_safepatch_slot_groups"
 
@@ -130,7 +134,38 @@ def _wrapper_methods(original_update: Callable[..., Any]) -> dict[str, Callable[
 
         return method
 
-    methods: dict[str, Callable[..., Any]] = {"update_metadata": update_metadata}
+    def add_lora_linear(
+        self: Any,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # The fused layer needs no rank-r buffer between shrink and expand; `buffer` is
+        # accepted for the base class's signature only.
+        groups = _slot_groups(self)
+        if not groups.groups:
+            return
+        grouped_lora_linear(
+            y.view(-1, y.shape[-1]),
+            x.view(-1, x.shape[-1]),
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            output_slices,
+            groups,
+            add_inputs=kwargs.get("add_inputs", True),
+        )
+
+    methods: dict[str, Callable[..., Any]] = {
+        "update_metadata": update_metadata,
+        "add_lora_linear": add_lora_linear,
+    }
     for prefill, suffix in ((True, "_prefill"), (False, "_decode")):
         methods["_shrink" + suffix] = shrink(prefill)
         methods["_expand" + suffix] = expand(prefill)

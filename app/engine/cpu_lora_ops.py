@@ -139,6 +139,55 @@ def grouped_expand(
             target.index_copy_(0, rows, torch.mm(xs, b.t()))
 
 
+def grouped_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    groups: SlotGroups,
+    add_inputs: bool = True,
+) -> None:
+    """A whole LoRA linear layer (all its output slices, e.g. q/k/v) in one pass over the slots:
+
+        y[t, o_i : o_i + n_i] (+)= (scale * x[t] @ A_i[s_t].T) @ B_i[s_t].T,  o_i = sum_{j<i} n_j
+
+    x: (T, d_in); A_i: (S, 1, r, d_in); B_i: (S, 1, n_i, r); y: (T, >= sum n_i), in place.
+    Per slot, its rows of x are gathered once (not once per slice and op) and its delta is
+    written once: in place (``addmm_``) for a contiguous run of rows, else one ``index_add_``
+    of all slices together. The rank-r intermediate is fp32, as vLLM's shrink buffer.
+    """
+    total = sum(output_slices)
+    target = y[:, :total]  # (T, sum n_i)
+    x = x.to(dtype=torch.float32)
+    for slot, rows in groups.groups:
+        xs = _take_rows(x, rows)  # (rows, d_in)
+        deltas: list[torch.Tensor] = []
+        offset = 0
+        for a_stacked, b_stacked, width in zip(lora_a, lora_b, output_slices, strict=True):
+            h = torch.mm(xs, _slot_matrix(a_stacked, slot, torch.float32).t())  # (rows, r)
+            if scale != 1.0:
+                h.mul_(scale)
+            b = _slot_matrix(b_stacked, slot, y.dtype)[:width]  # (n_i, r)
+            h = h.to(dtype=y.dtype)
+            if isinstance(rows, slice):
+                out = target[rows, offset : offset + b.shape[0]]
+                if add_inputs:
+                    out.addmm_(h, b.t())
+                else:
+                    out.copy_(torch.mm(h, b.t()))
+            else:
+                deltas.append(torch.mm(h, b.t()))  # (rows, n_i)
+            offset += width
+        if deltas:
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+            if add_inputs:
+                target.index_add_(0, rows, delta)
+            else:
+                target.index_copy_(0, rows, delta)
+
+
 # vLLM's op signatures (vllm/lora/ops/torch_ops/lora_ops.py, unchanged from 0.32 to 0.33).
 # The weight argument is called lora_b_weights in vLLM's bgmv_shrink too, although it holds A.
 

@@ -29,6 +29,7 @@ def test_register_replaces_vllm_ops_and_wrapper(registered: None) -> None:
         assert getattr(punica_cpu, name) is getattr(cpu_lora_ops, name)
     assert getattr(PunicaWrapperCPU._shrink_prefill, "__safepatch__", False)
     assert getattr(PunicaWrapperCPU.update_metadata, "__safepatch__", False)
+    assert getattr(PunicaWrapperCPU.add_lora_linear, "__safepatch__", False)
 
 
 def test_switch_off_leaves_vllm_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +85,11 @@ def test_wrapper_add_lora_linear_equals_reference(registered: None, lora_ids: li
     b = tuple(torch.randn(slots, 1, w, rank, generator=gen) for w in widths)
     y0 = torch.randn(tokens, sum(widths), generator=gen)
     y = y0.clone()
-    wrapper.add_lora_linear(y, x, a, b, scale, widths)
+    wrapper.add_lora_linear(y, x, a, b, scale, widths)  # fused: all slices per slot
+    y_split = y0.clone()  # the per-slice path that row/column-parallel layers take
+    buffers = tuple(torch.zeros(tokens, rank) for _ in widths)
+    wrapper.add_shrink(buffers, x, a, scale)
+    wrapper.add_expand(y_split, buffers, b, widths, add_inputs=True)
 
     expected = y0.double().clone()
     columns = torch.split(torch.arange(sum(widths)), widths)
@@ -96,5 +101,6 @@ def test_wrapper_add_lora_linear_equals_reference(registered: None, lora_ids: li
                     x[t].double() @ a_i[s, 0].double().T @ b_i[s, 0].double().T * scale
                 )
     torch.testing.assert_close(y.double(), expected, **TOL)
+    torch.testing.assert_close(y_split.double(), expected, **TOL)
     base = torch.tensor(lora_ids) == 0
-    assert torch.equal(y[base], y0[base])
+    assert torch.equal(y[base], y0[base]) and torch.equal(y_split[base], y0[base])
