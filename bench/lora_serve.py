@@ -126,12 +126,19 @@ def server_env(server: str, model_dir: Path, adapters: Path, workdir: Path) -> d
     return env
 
 
-def start(server: str, model_dir: Path, adapters: Path, workdir: Path) -> tuple[Any, str]:
+def start(
+    server: str,
+    model_dir: Path,
+    adapters: Path,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> tuple[Any, str]:
     port = _free_port()
     log = (workdir / f"{server}.log").open("w")
     process = subprocess.Popen(
-        server_command(server, model_dir, adapters, port),
-        env=server_env(server, model_dir, adapters, workdir),
+        server_command(server, model_dir, adapters, port) + (extra_args or []),
+        env=server_env(server, model_dir, adapters, workdir) | (extra_env or {}),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -164,20 +171,24 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def run_client(
-    base_url: str, model_dir: Path, workload: str, loras: list[str] | None, prompts: int
+    base_url: str,
+    model_dir: Path,
+    lengths: tuple[int, int],
+    loras: list[str] | None,
+    prompts: int,
 ) -> dict[str, float]:
-    """One `vllm.benchmarks.serve` run; returns its headline metrics."""
+    """One `vllm.benchmarks.serve` run (input, output `lengths`); returns headline metrics."""
     from vllm.benchmarks import serve as vllm_bench
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     vllm_bench.add_cli_args(parser)
-    input_len, output_len = WORKLOADS[workload]
+    input_len, output_len = lengths
     argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions"]
     argv += ["--model", MODEL_NAME, "--tokenizer", str(model_dir), "--dataset-name", "random"]
     argv += ["--random-input-len", str(input_len), "--random-output-len", str(output_len)]
     argv += ["--num-prompts", str(prompts), "--max-concurrency", str(CONCURRENCY)]
-    argv += ["--ignore-eos", "--seed", "0", "--disable-tqdm"]
+    argv += ["--ignore-eos", "--temperature", "0", "--seed", "0", "--disable-tqdm"]
     argv += ["--percentile-metrics", "ttft,tpot,e2el"]
     if loras:
         argv += ["--lora-modules", *loras, "--lora-assignment", "round-robin"]
@@ -271,7 +282,11 @@ def main() -> None:
                         if scenario == "stack" and server != "safepatch":
                             continue
                         scenarios[scenario] = run_client(
-                            base_url, model_dir, workload, SCENARIOS[scenario], prompts[workload]
+                            base_url,
+                            model_dir,
+                            WORKLOADS[workload],
+                            SCENARIOS[scenario],
+                            prompts[workload],
                         )
                         print(server, workload, scenario, scenarios[scenario], flush=True)
             finally:
