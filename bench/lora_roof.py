@@ -14,6 +14,7 @@ lengths; the LM head counted for every token, an upper bound for prompt tokens).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,22 @@ def model_gflop_per_token(model_dir: Path) -> float:
     return 2 * weights / 1e9
 
 
-def gemm_gflops(rows: int = 256, d: int = 576, d_ff: int = 1536, seconds: float = 2.0) -> float:
-    """Best-of fp32 throughput of ``x @ W.T`` with x (rows, d), W (d_ff, d), all threads."""
+def gemm_gflops(rows: int = 256, d: int = 576, d_ff: int = 1536, seconds: float = 3.0) -> float:
+    """fp32 throughput of ``x @ W.T`` with x (rows, d), W (d_ff, d): the larger of the best
+    all-threads rate and cores x the best one-thread rate (ideal scaling). On a CPU shared with
+    other jobs the all-threads rate collapses (OpenMP threads wait for each other), so the
+    one-thread rate times cores is the closer estimate of what the hardware can do."""
+    threads = torch.get_num_threads()
+    multi = _best_gflops(rows, d, d_ff, seconds / 2)
+    torch.set_num_threads(1)
+    try:
+        single = _best_gflops(rows, d, d_ff, seconds / 2)
+    finally:
+        torch.set_num_threads(threads)
+    return max(multi, single * (os.cpu_count() or 1))
+
+
+def _best_gflops(rows: int, d: int, d_ff: int, seconds: float) -> float:
     x, w = torch.randn(rows, d), torch.randn(d_ff, d)
     flop = 2 * rows * d * d_ff
     best, deadline = 0.0, time.perf_counter() + seconds

@@ -271,9 +271,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for server in args.servers:
             gflops = gemm_gflops()
-            entry = {"gemm_gflops": gflops, "roof_tok_s": gflops / gflop, "workloads": {}}
+            entry = {
+                "gemm_gflops": gflops,
+                "roof_tok_s": gflops / gflop,
+                "load_average_1min": os.getloadavg()[0],  # other tenants of the shared CPU
+                "workloads": {},
+            }
             results["servers"][server] = entry
-            print(f"== {server}: GEMM {gflops:.1f} GFLOP/s -> roof {gflops / gflop:.0f} tok/s")
+            print(
+                f"== {server}: GEMM {gflops:.1f} GFLOP/s -> roof {gflops / gflop:.0f} tok/s "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+            )
             process, base_url = start(server, model_dir, args.adapters, Path(tmp))
             try:
                 for workload in args.workloads:

@@ -9,7 +9,8 @@ rows by slot instead (one GEMM per slot, base rows skipped); this module install
 
 - op level: the six `bgmv_*` / `sgmv_*` ops in `lora_ops` and in `punica_cpu`'s bindings;
 - wrapper level: `PunicaWrapperCPU.add_lora_linear` (a whole layer, all slices, per slot:
-  one gather of x, one write of the delta) and its `_shrink_*` / `_expand_*` methods, all
+  one gather of x, one write of the delta; slots whose weights are zero in this layer
+  skipped) and its `_shrink_*` / `_expand_*` methods, all
   reading one slot grouping built per step in `update_metadata` instead of regrouping in
   each of the ~400 op calls of a forward pass.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +87,31 @@ def _slot_groups(wrapper: Any) -> SlotGroups:
         groups = SlotGroups.from_indices(wrapper.token_lora_indices)
         setattr(wrapper, _GROUPS_ATTR, groups)
     return groups
+
+
+# Per stacked LoRA-A tensor (by id, with a weak reference to tell a reused id): slot ->
+# (tensor version, slot's weights all zero). vLLM zeroes a slot's weights in place for every
+# layer its adapter does not touch (the shipped patches train layers 16-29 of 30), and an
+# in-place write bumps the tensor's version, so a flag is recomputed exactly when the weights
+# change. (Tensors cannot be WeakKeyDictionary keys: their == is elementwise.)
+_ZERO_SLOTS: dict[int, tuple[weakref.ref[torch.Tensor], dict[int, tuple[int, bool]]]] = {}
+
+
+def slot_is_zero(stacked: torch.Tensor, slot: int) -> bool:
+    """True if ``stacked[slot]`` is all zeros (cached until the tensor is written again)."""
+    try:
+        version = stacked._version
+    except RuntimeError:  # an inference tensor keeps no version counter: never skip
+        return False
+    entry = _ZERO_SLOTS.get(id(stacked))
+    if entry is None or entry[0]() is not stacked:
+        entry = (weakref.ref(stacked), {})
+        _ZERO_SLOTS[id(stacked)] = entry
+    cached = entry[1].get(slot)
+    if cached is None or cached[0] != version:
+        cached = (version, not bool(stacked[slot].any()))
+        entry[1][slot] = cached
+    return cached[1]
 
 
 def _wrapper_methods(original_update: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
@@ -149,8 +176,15 @@ def _wrapper_methods(original_update: Callable[..., Any]) -> dict[str, Callable[
         # The fused layer needs no rank-r buffer between shrink and expand; `buffer` is
         # accepted for the base class's signature only.
         groups = _slot_groups(self)
-        if not groups.groups:
+        # A slot whose A is zero in every slice adds exactly nothing: skip its GEMMs.
+        active = tuple(
+            (slot, rows)
+            for slot, rows in groups.groups
+            if not all(slot_is_zero(a, slot) for a in lora_a_stacked)
+        )
+        if not active:
             return
+        groups = SlotGroups(groups.num_rows, active, groups.has_base_rows)
         grouped_lora_linear(
             y.view(-1, y.shape[-1]),
             x.view(-1, x.shape[-1]),

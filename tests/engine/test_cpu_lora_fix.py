@@ -104,3 +104,30 @@ def test_wrapper_add_lora_linear_equals_reference(registered: None, lora_ids: li
     torch.testing.assert_close(y_split.double(), expected, **TOL)
     base = torch.tensor(lora_ids) == 0
     assert torch.equal(y[base], y0[base]) and torch.equal(y_split[base], y0[base])
+
+
+def test_zero_slots_are_skipped_until_their_weights_are_written(registered: None) -> None:
+    """A slot zeroed in this layer (adapter does not touch it) adds nothing; once vLLM copies
+    weights into it in place, the cached zero flag is stale and the slot is computed again."""
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=16, max_batches=4, device="cpu")
+    ids = (1, 2, 1, 0)
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2], 2, 100)
+    a = (torch.zeros(2, 1, 4, 8),)
+    b = (torch.randn(2, 1, 6, 4),)
+    x, y0 = torch.randn(4, 8), torch.randn(4, 6)
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))
+    assert torch.equal(y, y0)
+    assert cpu_lora_fix.slot_is_zero(a[0], 0) and cpu_lora_fix.slot_is_zero(a[0], 1)
+    a[0][0, 0].copy_(torch.randn(4, 8))  # what set_lora does
+    assert not cpu_lora_fix.slot_is_zero(a[0], 0) and cpu_lora_fix.slot_is_zero(a[0], 1)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))
+    expected = y0.clone()
+    expected[[0, 2]] += x[[0, 2]] @ a[0][0, 0].T @ b[0][0, 0].T
+    torch.testing.assert_close(y, expected, **TOL)
+
+
+def test_inference_tensors_are_never_skipped() -> None:
+    with torch.inference_mode():
+        weights = torch.zeros(2, 1, 4, 8)
+    assert cpu_lora_fix.slot_is_zero(weights, 0) is False
