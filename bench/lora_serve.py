@@ -144,6 +144,8 @@ def start(
         start_new_session=True,
     )
     base_url = f"http://127.0.0.1:{port}"
+    # safepatch answers /v1/models before its engine is up; /ready waits for the engine.
+    ready_url = f"{base_url}/ready" if server == "safepatch" else f"{base_url}/v1/models"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -151,7 +153,7 @@ def start(
                 f"{server} exited:\n{(workdir / f'{server}.log').read_text()[-3000:]}"
             )
         try:
-            if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
                 return process, base_url
         except httpx.HTTPError:
             pass
