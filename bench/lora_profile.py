@@ -3,7 +3,7 @@
 Starts `vllm serve` (vLLM's OpenAI server) with the two shipped patches, once with vLLM's own
 CPU LoRA ops (`SAFEPATCH_CPU_LORA_FIX=0`) and once with safepatch's grouped ops, and while
 `vllm.benchmarks.serve` sends two-patch round-robin traffic, `py-spy record` samples the
-process that runs the model. Two phases: `decode` (32 in / 256 out, 16 concurrent: almost
+process that runs the model. Two phases: `decode` (32 in / 128 out, 16 concurrent: almost
 only decode steps) and `prefill` (512 in / 1 out: only prefill). Every sample is put in one
 bucket by the frames on its stack:
 
@@ -12,7 +12,7 @@ bucket by the frames on its stack:
 - attention, sampler: vLLM's CPU attention backend, the sampler;
 - other:   everything else (model Python, scheduling, input preparation, idle waits).
 
-    PYTHONPATH=. .venv/bin/python -m bench.lora_profile [--seconds 25]
+    PYTHONPATH=. .venv/bin/python -m bench.lora_profile [--seconds 20]
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from app.config import REPO_ROOT
 from bench.lora_serve import PATCHES, RESULTS, default_model_dir, run_client, start, stop
 
-PHASES = {"decode": ((32, 256), 16), "prefill": ((512, 1), 24)}  # lengths, prompts
+PHASES = {"decode": ((32, 128), 16), "prefill": ((512, 1), 16)}  # lengths, prompts
 BUCKETS = {  # first match wins, checked from the innermost frame outwards
     "lora": ("cpu_lora_ops.py", "cpu_lora_fix.py", "punica_", "torch_ops/lora_ops.py"),
-    "linear": ("layers/linear.py", "quantization/", "logits_processor.py", "utils/cpu"),
+    "linear": ("onednn_mm", "weight_packed_linear", "layers/utils.py", "layers/linear.py")
+    + ("logits_processor.py",),
     "attention": ("attention/backends", "cpu_attn"),
     "sampler": ("sample/", "sampler.py"),
 }
@@ -70,35 +72,39 @@ def _model_process(server_pid: int) -> int:
 def profile_phase(pid: int, base_url: str, model_dir: Path, phase: str, seconds: int) -> dict:
     lengths, prompts = PHASES[phase]
     with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
-        spy = subprocess.Popen(
+        done = threading.Event()
+
+        # Traffic from before the recording starts until it ends (the client's imports, its
+        # dataset and its one-prompt test run come first and are not sampled).
+        def traffic() -> None:
+            while not done.is_set():
+                run_client(base_url, model_dir, lengths, list(PATCHES), prompts)
+
+        client = threading.Thread(target=traffic, daemon=True)
+        client.start()
+        time.sleep(15)
+        subprocess.run(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)]
             + ["--duration", str(seconds), "--rate", "50", "--format", "raw"]
             + ["--output", raw.name, "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            check=False,
         )
-
-        # Traffic until the recording ends (a second client run if the first finishes early).
-        def traffic() -> None:
-            while spy.poll() is None:
-                run_client(base_url, model_dir, lengths, list(PATCHES), prompts)
-
-        client = threading.Thread(target=traffic, daemon=True)
-        client.start()
-        spy.wait()
+        done.set()
+        client.join()
         counts: collections.Counter[str] = collections.Counter()
         for line in Path(raw.name).read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if stack:  # py-spy leaves idle samples out (no --idle)
                 counts[_bucket(stack)] += int(count)
-        client.join()
-    total = sum(counts.values()) or 1
+        total = sum(counts.values()) or 1
     return {bucket: counts[bucket] / total for bucket in (*BUCKETS, "other")} | {"samples": total}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=25)
+    parser.add_argument("--seconds", type=int, default=20)
     args = parser.parse_args()
     model_dir = default_model_dir()
     results: dict[str, dict] = {}
