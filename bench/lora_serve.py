@@ -286,6 +286,11 @@ def main() -> None:
             )
             process, base_url = start(server, model_dir, args.adapters, Path(tmp))
             try:
+                # Untimed warm-up, base and LoRA: the first requests after start-up are slower
+                # (lazy initialisation, adapter loading), and would land on whichever
+                # scenario happens to run first.
+                for loras in (None, list(PATCHES)):
+                    run_client(base_url, model_dir, (64, 16), loras, CONCURRENCY)
                 for workload in args.workloads:
                     scenarios = entry["workloads"].setdefault(workload, {})
                     for scenario in args.scenarios:

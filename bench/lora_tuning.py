@@ -49,6 +49,7 @@ def main() -> None:
                 "vllm", model_dir, REPO_ROOT / "adapters", Path(tmp), env, extra
             )
             try:
+                run_client(base_url, model_dir, (64, 16), list(PATCHES), 16)  # warm-up
                 results[name] = run_client(
                     base_url,
                     model_dir,
