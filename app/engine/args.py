@@ -28,6 +28,9 @@ def prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from app.engine.cpu_tuning import apply_cpu_tuning
+
+    apply_cpu_tuning()  # LD_PRELOAD for the spawned engine processes (CPU only)
     from app.engine.cpu_lora_fix import register
 
     register()
