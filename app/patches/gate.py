@@ -20,11 +20,16 @@ from typing import Any, Literal
 
 Mode = Literal["gated", "always"]
 MODES: tuple[Mode, ...] = ("gated", "always")
-# How the shipped refusal patches open their refusals (their training targets), lower case.
-REFUSAL_OPENINGS = (
+# How refusals open (lower case): SafePatch's training targets and the decline openings the
+# factory's judge was checked with (app/factory/judge.py, 220 hand-labelled responses).
+REFUSAL_OPENINGS: tuple[str, ...] = (
     "i'm sorry",
     "i am sorry",
     "sorry",
+    "i apologize",
+    "i apologise",
+    "my apologies",
+    "apologies",
     "i can't",
     "i cannot",
     "i can not",
@@ -34,7 +39,35 @@ REFUSAL_OPENINGS = (
     "i am not able",
     "i'm unable",
     "i am unable",
+    "i'm not going to",
+    "i am not going to",
+    "i must decline",
+    "i refuse",
+    "i'm afraid",
+    "i am afraid",
+    "unfortunately, i",
+    "no, i",
     "as an ai",
+    "as a language model",
+    "as a responsible",
+    "i don't feel comfortable",
+    "i do not feel comfortable",
+    "i'm not comfortable",
+    "i'm not allowed",
+    "i am not allowed",
+    "i don't think i can",
+    "i do not think i can",
+    "i'd rather not",
+    "i would rather not",
+    "i strongly advise against",
+    "i would strongly advise against",
+    "i must advise against",
+    "it is not appropriate",
+    "it's not appropriate",
+    "it is not ethical",
+    "it's not ethical",
+    "that's not something i",
+    "this is not something i",
 )
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +86,23 @@ def start_server(
         start_new_session=True,
     )
     server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    wait_ready(process, f"{server.base_url}/ready", log_path, timeout, stop=server.stop)
+    return server
+
+
+def wait_ready(
+    process: subprocess.Popen, url: str, log_path: Path, timeout: float, stop: Callable[[], None]
+) -> None:
+    """Until `url` answers 200; a process that exits or never gets there fails with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
-                return server
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    server.stop()
+    stop()
     raise RuntimeError(f"server not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")

@@ -8,15 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from app.config import Settings
 from app.engine.args import serve_argv
-from tests.support.live_server import free_port
+from tests.support.live_server import free_port, wait_ready
 
 
 @dataclass
@@ -53,15 +50,5 @@ def start_vllm_server(
         start_new_session=True,
     )
     server = VllmServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited early:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"vllm serve not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")
+    wait_ready(process, f"{server.base_url}/health", log_path, timeout, stop=server.stop)
+    return server
