@@ -11,6 +11,9 @@ from tests.conftest import make_store
 from tests.support.live_server import LiveServer, start_server
 
 OPEN_POLICY = {"optional": ["alpha", "beta", "gamma"], "allow_base": True}
+# any `vllm serve` flag reaches the engine through SAFEPATCH_VLLM_ARGS; a tool parser lets
+# the parity tests make named tool calls (pythonic: it needs no special tokens)
+VLLM_ARGS = "--enable-auto-tool-choice --tool-call-parser pythonic"
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +22,7 @@ def live_server(
 ) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("live")
     store = make_store(patch_library, root / "adapters", ("alpha", "beta", "gamma"))
-    server = start_server(root, model=tiny_model, adapters=store)
+    server = start_server(root, model=tiny_model, adapters=store, SAFEPATCH_VLLM_ARGS=VLLM_ARGS)
     yield server
     server.stop()
 
