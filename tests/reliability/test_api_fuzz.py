@@ -227,3 +227,11 @@ def test_a_malformed_multipart_upload_is_400(fuzzed_app, content_type: str, body
     assert 400 <= response.status_code < 500, response.text
     check_answer(response, {"method": "POST", "url": "/admin/adapters"})
     assert_consistent(client, engine, store)
+
+
+def test_an_audit_offset_past_the_databases_integers_is_422(fuzzed_app) -> None:
+    """Found by the fuzzer: an offset of 2**63 overflowed SQLite's INTEGER (a 500)."""
+    client, _, _ = fuzzed_app
+    response = client.get("/admin/audit", params={"offset": 2**63}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -106,7 +106,10 @@ async def revoke_key(tenant_id: str, key_id: str, state: State, actor: Admin) ->
 
 @router.get("/audit")
 async def audit(
-    state: State, _: Admin, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    state: State,
+    _: Admin,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=2**31),
 ) -> dict[str, Any]:
     return {
         "object": "list",
