@@ -47,6 +47,10 @@ class FakeEngine:
         self.app = self._build_app()
 
     @property
+    def requests_in_flight(self) -> int:
+        return self.in_flight
+
+    @property
     def is_ready(self) -> bool:
         return self.ready and not self.dead
 
