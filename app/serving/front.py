@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -108,14 +109,27 @@ def engine_app(state: AppState) -> ASGIApp:
     return app
 
 
-async def serve(state: AppState, caller: Principal, request: Request) -> Response:
-    """Answer one request to a vLLM route for `caller`."""
-    app = engine_app(state)
+@dataclass(frozen=True)
+class Call:
+    """One request to a vLLM route, resolved once (the routes' `ServedCall` dependency): the
+    body, the model the client named, who is served with which patches, and the probe of its
+    gated patches (None: nothing to probe)."""
+
+    body: bytes
+    payload: dict[str, Any] | None  # None: not a JSON object (vLLM answers with its 400)
+    requested: str = ""
+    who: Resolved | None = None
+    probe: Probe | None = None
+
+
+async def resolve_call(state: AppState, caller: Principal, request: Request) -> Call:
+    """Read the request and resolve the caller's patches: tenant policy -> patch set -> the
+    one LoRA, and the probe where gated patches apply."""
+    engine_app(state)  # while the engine is not ready, a 503 before anything else
     body = await request.body()
     payload = _json_object(body)
-    if payload is None:  # not a JSON object: vLLM answers with its 400, nothing is generated
-        return await forward(app, request, body)
-
+    if payload is None:
+        return Call(body, None)
     requested = payload.get("model") or state.model_name
     if not isinstance(requested, str):
         raise BadRequest("model must be a string", param="model", code="invalid_model")
@@ -127,20 +141,27 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
         state.model_name,
         state.registry,
     )
-    request.state.tenant, request.state.patches = who.tenant, who.patches
     probe = None
     if request.url.path in GATED_ROUTES:
         rules = {p: GateRule.from_meta(state.registry.get(p).meta) for p in who.patches}
         probe = Probe.for_patches(rules, caller.policy.modes, who.patches)
+    return Call(body, payload, requested, who, probe)
+
+
+async def serve(state: AppState, request: Request, call: Call) -> Response:
+    """Answer one resolved request to a vLLM route."""
+    payload, who, probe = call.payload, call.who, call.probe
+    if payload is None or who is None:  # nothing is generated: vLLM's own answer
+        return await forward(engine_app(state), request, call.body)
+    request.state.tenant, request.state.patches = who.tenant, who.patches  # the access log
     if probe is None:
-        return await _answer(state, request, payload, requested, who, {})
+        return await _answer(state, request, payload, call.requested, who, {})
     if _prefilled(payload):
         # the reply is already begun by the caller: a gate reading its first tokens could be
         # steered past, so the gated patches act as always on (fail closed)
-        return await _answer(
-            state, request, payload, requested, who, dict.fromkeys(probe.gated, "prefilled")
-        )
-    return await _gated_answer(state, request, payload, requested, who, probe)
+        prefilled = dict.fromkeys(probe.gated, "prefilled")
+        return await _answer(state, request, payload, call.requested, who, prefilled)
+    return await _gated_answer(state, request, payload, call.requested, who, probe)
 
 
 async def _answer(
