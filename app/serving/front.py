@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import ASGIApp
 
 from app.engine.types import served_name
@@ -264,14 +264,37 @@ async def _lease(state: AppState, who: Resolved) -> Callable[[], None]:
 async def _probe(
     state: AppState, request: Request, payload: dict[str, Any], who: Resolved, probe: Probe
 ) -> bool:
-    """Whether the probe with every effective patch fires. A probe that fails (a 4xx the
-    real request will get too) counts as firing: fail closed."""
+    """Whether the probe with every effective patch fires. It streams, and stops (vLLM aborts
+    it) as soon as its opening decides: most benign answers after their first token. A probe
+    that fails (a 4xx the real request will get too) counts as firing: fail closed."""
     body = {k: v for k, v in payload.items() if k not in PROBE_DROPPED}
-    body.update(max_tokens=probe.probe_tokens, temperature=0, n=1, stream=False)
+    body.update(max_tokens=probe.probe_tokens, temperature=0, n=1, stream=True)
     body["model"] = served_name(who.lora) if who.lora else state.model_name
     release = await _lease(state, who)
     answer = await forward(engine_app(state), request, encode_json(body), on_done=release)
-    return answer.status_code != 200 or probe.fires(_first_text(answer.body))
+    if answer.status_code != 200 or not isinstance(answer, StreamingResponse):
+        return True
+    events = answer.body_iterator
+    text, pending = "", ""
+    try:
+        async for chunk in events:
+            pending += chunk if isinstance(chunk, str) else bytes(chunk).decode()
+            *complete, pending = pending.split("\n\n")
+            text += "".join(map(_event_text, complete))
+            verdict = probe.verdict(text)
+            if verdict is not None:
+                return verdict
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    return probe.fires(text)
+
+
+def _event_text(event: str) -> str:
+    """The text an SSE event of a chat or completion stream adds ("" for anything else)."""
+    if not event.startswith("data: {"):
+        return ""
+    choices = json.loads(event[6:]).get("choices") or [{}]
+    return choices[0].get("text") or (choices[0].get("delta") or {}).get("content") or ""
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -285,11 +308,6 @@ def _prefilled(payload: dict[str, Any]) -> bool:
     return (
         bool(payload.get("continue_final_message")) or payload.get("add_generation_prompt") is False
     )
-
-
-def _first_text(body: bytes) -> str:
-    choice = json.loads(body)["choices"][0]
-    return choice.get("text") or (choice.get("message") or {}).get("content") or ""
 
 
 def _once(action: Any) -> Any:
