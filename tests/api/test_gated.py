@@ -211,3 +211,33 @@ def test_an_upload_with_a_bad_gate_is_422_naming_the_field(
             "metadata.gate.probe_tokens"
         )
         assert client.get("/admin/adapters/bad-gate", headers=ADMIN).status_code == 404
+
+
+def test_a_recalibrated_gate_on_disk_wins_at_restart_unless_an_operator_set_one(
+    settings: Settings,
+) -> None:
+    """`safepatch eval` rewrites a shipped patch's `gate` in its safepatch.json: a restart
+    picks it up, except for a patch whose gate an operator set through the admin API."""
+    with running_app(settings) as (client, _):
+        meta = client.get("/admin/adapters/alpha", headers=ADMIN).json()
+        assert meta["gate"]["mode"] == "always"
+    for name in ("alpha", "beta"):
+        record = {
+            "name": name,
+            "rank": 4,
+            "target_modules": ["q_proj"],
+            "weights_sha256": "-",
+            "gate": {"mode": "gated", "probe_tokens": 3, "calibration": "recalibrated"},
+        }
+        (settings.adapters_dir / name / "safepatch.json").write_text(json.dumps(record))
+    with running_app(settings) as (client, _):
+        gate = client.get("/admin/adapters/alpha", headers=ADMIN).json()["gate"]
+        assert (gate["mode"], gate["probe_tokens"], gate["set_by"]) == ("gated", 3, "metadata")
+        rule = {"mode": "always", "calibration": "the operator's"}
+        assert client.put("/admin/adapters/beta/gate", headers=ADMIN, json=rule).status_code == 200
+    (settings.adapters_dir / "beta" / "safepatch.json").write_text(
+        json.dumps(record | {"gate": {"mode": "gated", "probe_tokens": 5}})
+    )
+    with running_app(settings) as (client, _):
+        gate = client.get("/admin/adapters/beta", headers=ADMIN).json()["gate"]
+        assert (gate["mode"], gate["set_by"]) == ("always", "operator")
