@@ -18,6 +18,7 @@ serve: install
 
 test: install
 	$(PY) -m ruff check app tests bench
+	.venv/bin/lint-imports
 	$(PY) -m ruff format --check app tests bench
 	$(PY) -m pytest -q -m "not container"
 
@@ -26,6 +27,7 @@ test-fast: install
 
 lint: install
 	$(PY) -m ruff check app tests bench
+	.venv/bin/lint-imports
 	$(PY) -m ruff format --check app tests bench
 
 # Builds the CPU image with podman on a local debootstrap base, runs it on 127.0.0.1 and sends

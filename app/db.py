@@ -27,7 +27,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from app.errors import Unavailable
+from app.exceptions import DatabaseUnavailable
 
 metadata = sa.MetaData()
 
@@ -201,7 +201,6 @@ def reachable() -> Iterator[None]:
     try:
         yield
     except CONNECTION_ERRORS as exc:
-        raise Unavailable(
-            "the database is unavailable; changes cannot be made right now, try again later",
-            code="database_unavailable",
+        raise DatabaseUnavailable(
+            "the database is unavailable; changes cannot be made right now, try again later"
         ) from exc

@@ -23,16 +23,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from app import db
-
-if TYPE_CHECKING:
-    from app.patches.registry import PatchRecord
-    from app.tenants.service import Tenant
+from app.patches.records import PatchRecord
+from app.tenants.service import Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +49,6 @@ class Snapshot:
 
 
 def load(conn: Connection, version: int) -> Snapshot:
-    from app.patches.registry import PatchRecord
-    from app.tenants.service import Tenant
-
     patch_rows = conn.execute(
         sa.select(db.patches).where(db.patches.c.status == "active").order_by(db.patches.c.name)
     ).all()

@@ -1,9 +1,9 @@
-"""Everything a request handler may reach, built once per app in the lifespan."""
+"""Everything a request handler may reach, built once per app in the lifespan
+(app.composition.build_state)."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -12,6 +12,7 @@ from app.config import Settings
 from app.engine.types import EngineClient
 from app.observability.metrics import Metrics
 from app.patches.registry import PatchRegistry
+from app.patches.scores import Scorer
 from app.tenants.service import TenantService
 
 
@@ -23,11 +24,9 @@ class AppState:
     database: Engine
     registry: PatchRegistry
     tenants: TenantService
+    scorer: Scorer
     metrics: Metrics
     engine: EngineClient
     admin_token: str
     draining: bool = False
     engine_failed: bool = False
-    background: set = field(default_factory=set)  # tasks kept alive until done
-    # one orthogonality job at a time: each may fill the subspace cache with large SVDs
-    scoring_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -35,11 +35,13 @@ PATCHES = {"alpha": ("q_proj", "v_proj"), "beta": ("o_proj",), "gamma": ("gate_p
 # --- the worker: runs inside a process whose `app` is the code under test -------------------
 def build_fixture(root: Path, url: str):  # noqa: ANN201 - the code under test's own types
     from app.db import open_database
-    from app.model.tiny import build_tiny_llama
     from app.patches.registry import PatchRegistry
-    from app.patches.testing import make_lora_adapter
+    from app.snapshot import Catalog
     from app.tenants.policy import TenantPolicy
     from app.tenants.service import TenantService
+    from tests.support.fake_engine import FakeEngine
+    from tests.support.lora_adapters import make_lora_adapter
+    from tests.support.tiny_model import build_tiny_llama
 
     model = build_tiny_llama(root / "tiny")
     for seed, (name, modules) in enumerate(PATCHES.items()):
@@ -49,6 +51,8 @@ def build_fixture(root: Path, url: str):  # noqa: ANN201 - the code under test's
     database = open_database(url)
     registry = PatchRegistry(
         database,
+        engine=FakeEngine(),
+        catalog=Catalog(database),
         store_dir=root / "store",
         cache_dir=root / "cache",
         model_dir=model,
@@ -56,7 +60,7 @@ def build_fixture(root: Path, url: str):  # noqa: ANN201 - the code under test's
         max_bytes=1 << 30,
     )
     registry.scan_store()
-    tenants = TenantService(database)
+    tenants = TenantService(database, registry.catalog)
     policy = TenantPolicy(mandatory=["alpha"], default=["beta"], optional=["gamma"])
     tenants.create("acme", "Acme", policy, "bench")
     return database, registry, tenants, tenants.create_key("acme", "bench")["key"]
@@ -92,7 +96,7 @@ async def resolution_rate(registry, tenants, key: str, seconds: float) -> dict[s
 async def staleness(database, tenants, revocations: int) -> dict[str, float]:  # noqa: ANN001
     """Replica B (its own snapshot and refresher) on A's database: seconds from A's revoke
     committing to B refusing the key, polled every 0.5 ms."""
-    from app.errors import Unauthorized
+    from app.exceptions import InvalidApiKey
     from app.snapshot import Catalog
     from app.tenants.service import TenantService
 
@@ -106,14 +110,14 @@ async def staleness(database, tenants, revocations: int) -> dict[str, float]:  #
                 try:
                     replica_b.authenticate(key["key"])
                     break
-                except Unauthorized:
+                except InvalidApiKey:
                     await asyncio.sleep(0.0005)
             await asyncio.to_thread(tenants.revoke_key, "acme", key["id"], "bench")
             committed = time.perf_counter()
             while True:
                 try:
                     replica_b.authenticate(key["key"])
-                except Unauthorized:
+                except InvalidApiKey:
                     break
                 await asyncio.sleep(0.0005)
             delays.append(time.perf_counter() - committed)

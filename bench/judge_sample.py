@@ -27,7 +27,7 @@ from app.factory.data import load_labelled, parse_source
 from app.factory.evaluate import BASE, EvalConfig, Outputs, build_configs, generate
 from app.factory.judge import default_judge
 from app.factory.sets import PromptSet
-from app.model.default_model import ensure_default_model
+from app.model.default_model import resolve_model_dir
 
 SOURCES = {  # spec -> (kind, prompts drawn)
     "multijail_en.csv?split=all": ("harmful", 18),
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--label", default="v4", help="model tag written beside patch names")
     args = parser.parse_args()
     settings = Settings()
-    model_dir = ensure_default_model(settings.cache_dir)
+    model_dir = resolve_model_dir(settings)
     sets = []
     for spec, (kind, count) in SOURCES.items():
         source = parse_source(f"{spec}&limit={count}")

@@ -58,9 +58,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def default_model_dir() -> Path:
-    from app.model.default_model import ensure_default_model
+    from app.config import Settings
+    from app.model.default_model import resolve_model_dir
 
-    return ensure_default_model(Path("~/.cache/safepatch").expanduser())
+    return resolve_model_dir(Settings())
 
 
 def _free_port() -> int:

@@ -26,7 +26,7 @@ from app.factory.judge import default_judge
 from app.factory.preserve import greedy_targets
 from app.factory.report import build_report, format_table, write_json
 from app.factory.sets import build_sets, patch_trainings, trained_files
-from app.model.default_model import ensure_default_model
+from app.model.default_model import resolve_model_dir
 
 DEV_SETS = [  # the dev sets of docs/patch-results.md: (spec, kind)
     ("advbench_harmful_behaviors.csv?match=cyber&limit=45&name=advbench-dev-cyber", "harmful"),
@@ -61,7 +61,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    model_dir = ensure_default_model(Settings().cache_dir)
+    model_dir = resolve_model_dir(Settings())
     specs = args.prompts or [spec for spec, _ in DEV_SETS]
     kinds = args.kind if args.prompts else [kind for _, kind in DEV_SETS]
     trainings = patch_trainings(args.adapters)

@@ -3,7 +3,7 @@ throughput with 1/4/8 distinct patches in the mix, and a 2-patch stack vs one pa
 
     .venv/bin/python -m bench.registry [--model DIR] [--requests 16] [--output-len 32]
 
-Adapters are synthetic rank-8 LoRAs on q/k/v/o (made with app.patches.testing). Prints a
+Adapters are synthetic rank-8 LoRAs on q/k/v/o (made with tests.support.lora_adapters). Prints a
 table, writes bench/results/registry.json.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 
 from app.config import Settings
-from app.patches.testing import make_lora_adapter
 from tests.conftest import ADMIN
 from tests.support.live_server import start_server
+from tests.support.lora_adapters import make_lora_adapter
 
 ROOT = Path(__file__).resolve().parent
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "registry.json")
     args = parser.parse_args()
 
-    from app.main import resolve_model_dir
+    from app.model.default_model import resolve_model_dir
 
     settings = Settings(model=args.model)
     model_dir = resolve_model_dir(settings)

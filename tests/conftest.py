@@ -7,12 +7,13 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.config import Settings
-from app.model.tiny import build_tiny_llama
-from app.patches.testing import make_lora_adapter
+from tests.support.lora_adapters import make_lora_adapter
+from tests.support.tiny_model import build_tiny_llama
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +23,14 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def register_path(http: Any, name: str, path: str) -> Any:
+    """Register the store directory `path` as patch `name` through the admin API (`http`: a
+    TestClient or an httpx client); returns the response."""
+    return http.post("/admin/adapters", headers=ADMIN, json={"name": name, "path": path})
+
+
 # Patches for the tiny model: different ranks, alphas, rsLoRA and target-module sets, large
 # enough updates to change greedy outputs.
 PATCH_SPECS = {
@@ -145,13 +154,7 @@ def settings(tiny_model: Path, store: Path, tmp_path: Path) -> Settings:
 @pytest.fixture
 def fake_app(settings: Settings) -> Iterator:
     """(TestClient, FakeEngine) over the real app: registry, tenants and DB are real."""
-    from fastapi.testclient import TestClient
+    from tests.support.apps import running_app
 
-    from app.main import create_app
-    from tests.support.fake_engine import FakeEngine
-
-    engine = FakeEngine()
-    app = create_app(settings, engine_factory=lambda s, m: engine)
-    with TestClient(app) as client:
-        client.get("/ready")  # lets the lifespan's engine start task run
-        yield client, engine
+    with running_app(settings) as pair:
+        yield pair

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import Forbidden, Unauthorized
+from app.exceptions import InvalidApiKey
 from app.serving.front import Call, resolve_call
 from app.state import AppState
 from app.tenants.access import Principal
@@ -68,7 +69,7 @@ def get_principal(request: Request, state: State) -> Principal:
         try:
             tenant = state.tenants.authenticate(token)
             principal = Principal(tenant.id, tenant.policy)
-        except Unauthorized:
+        except InvalidApiKey:
             if not state.settings.dev_mode:
                 raise
             principal = _dev_principal(state)
@@ -85,7 +86,7 @@ def require_admin(request: Request, state: State) -> str:
         return "admin"
     try:
         state.tenants.authenticate(token)
-    except Unauthorized:
+    except InvalidApiKey:
         raise Unauthorized("invalid admin token") from None
     raise Forbidden("tenant keys cannot use the admin API", code="admin_only")
 

@@ -90,7 +90,7 @@ def evaluate(
     from app.factory.judge import default_judge, load_judge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
     from app.factory.sets import build_sets, patch_trainings, store_trainings, trained_files
-    from app.model.default_model import ensure_default_model
+    from app.model.default_model import resolve_model_dir
     from app.model.identity import model_identity
 
     settings = Settings()
@@ -118,7 +118,7 @@ def evaluate(
             )
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
-        model_dir = Path(model) if model else ensure_default_model(settings.cache_dir)
+        model_dir = resolve_model_dir(settings, model)
         entries = (
             run_evaluation(
                 model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge

@@ -63,17 +63,11 @@ def score(
     """Score how orthogonal a LoRA patch's update is to the base model's top-k singular
     subspaces (1 = orthogonal; compare with the random-subspace baseline)."""
     from app.config import Settings
+    from app.model.default_model import resolve_model_dir
     from app.orthogonality.scoring import score_adapter
 
     settings = Settings()
-    if model is not None:
-        model_dir = Path(model)
-    elif settings.model:
-        model_dir = Path(settings.model)
-    else:
-        from app.model.default_model import ensure_default_model
-
-        model_dir = ensure_default_model(settings.cache_dir)
+    model_dir = resolve_model_dir(settings, model)
     try:
         result = score_adapter(Path(adapter_dir), model_dir, k=k, cache_dir=settings.cache_dir)
     except (FileNotFoundError, ValueError) as exc:

@@ -23,7 +23,8 @@ def serve(
         k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None
     }
     settings = Settings(**overrides)
-    from app.main import create_app, resolve_model_dir
+    from app.main import create_app
+    from app.model.default_model import resolve_model_dir
     from app.server import run_server
 
     logging.basicConfig(level=settings.log_level)

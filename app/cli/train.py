@@ -124,14 +124,14 @@ def train(
     """Train a LoRA safety patch (refusal-SFT) and write it with its metadata."""
     from app.factory.data import parse_source
     from app.factory.train import TrainConfig, train_patch
-    from app.model.default_model import ensure_default_model
+    from app.model.default_model import resolve_model_dir
     from app.patches.validation import validate_name
 
     settings = Settings()
     validate_name(name)
     if mode not in ("safety-only", "preserving"):
         raise typer.BadParameter("--mode must be safety-only or preserving")
-    model_dir = model or ensure_default_model(settings.cache_dir)
+    model_dir = resolve_model_dir(settings, model)
     config = TrainConfig(
         model_dir=Path(model_dir),
         out_dir=out_dir or settings.adapters_dir / name,

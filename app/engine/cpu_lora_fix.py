@@ -48,7 +48,7 @@ __all__ = ["bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "register"]
 
 _SGMV_META = ["b_seq_start_loc", "seq_len_tensor", "lora_indices_tensor", "batches"]
 _SGMV_META += ["max_seq_length", "token_nums"]
-_EXPECTED_OPS = {
+EXPECTED_OPS = {
     "bgmv_shrink": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling"],
     "bgmv_expand": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"]
     + ["add_inputs"],
@@ -209,15 +209,17 @@ def _wrapper_methods(original_update: Callable[..., Any]) -> dict[str, Callable[
     return methods
 
 
-def _install_ops(lora_ops: Any, punica_cpu: Any) -> bool:
-    for name, expected in _EXPECTED_OPS.items():
+def install_ops(lora_ops: Any, punica_cpu: Any) -> bool:
+    """Replace vLLM's CPU LoRA ops (in `lora_ops` and `punica_cpu`) by the grouped ones; False,
+    changing nothing, when an op's signature is not the one this fix was written for."""
+    for name, expected in EXPECTED_OPS.items():
         current = getattr(lora_ops, name, None)
         if current is getattr(cpu_lora_ops, name):
             continue
         if not _matches(current, expected):
             logger.warning("vLLM %s has an unexpected signature; CPU LoRA fix not applied", name)
             return False
-    for name in _EXPECTED_OPS:
+    for name in EXPECTED_OPS:
         # punica_cpu imported every op by name, so its bindings are replaced too.
         grouped = getattr(cpu_lora_ops, name)
         setattr(lora_ops, name, grouped)
@@ -226,7 +228,9 @@ def _install_ops(lora_ops: Any, punica_cpu: Any) -> bool:
     return True
 
 
-def _install_wrapper(wrapper_cls: type) -> bool:
+def install_wrapper(wrapper_cls: type) -> bool:
+    """Patch PunicaWrapperCPU for per-step LoRA grouping; False, changing nothing, when one of
+    its methods changed signature."""
     if getattr(wrapper_cls.update_metadata, "__safepatch__", False):
         return True
     for name, expected in _EXPECTED_METHODS.items():
@@ -252,8 +256,8 @@ def register() -> bool:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without the torch fallback: nothing to fix
         return False
-    if not _install_ops(lora_ops, punica_cpu):
+    if not install_ops(lora_ops, punica_cpu):
         return False
     if os.environ.get("SAFEPATCH_CPU_LORA_WRAPPER", "1") != "0":
-        _install_wrapper(punica_cpu.PunicaWrapperCPU)
+        install_wrapper(punica_cpu.PunicaWrapperCPU)
     return True

@@ -3,12 +3,12 @@ atomically, so a concurrent or interrupted writer never leaves a half-written fi
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from app.files import atomic_write
 
 
 def load_cached(path: Path | None) -> Any | None:
@@ -20,9 +20,5 @@ def load_cached(path: Path | None) -> Any | None:
 
 def save_cached(obj: Any, path: Path | None) -> None:
     """torch.save to a private temporary sibling, then rename over `path` (no-op for None)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    if path is not None:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs
 
+from app import files
+
 Split = Literal["train", "dev", "all"]
 Kind = Literal["harmful", "benign"]
 
@@ -72,7 +74,8 @@ def split_of(text: str) -> Literal["train", "dev"]:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(resolve_path(Path(path)).read_bytes()).hexdigest()
+    """sha256 of a prompt file, found like `load_prompts` finds it."""
+    return files.file_sha256(resolve_path(Path(path)))
 
 
 def external_data_dir() -> Path | None:

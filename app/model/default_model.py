@@ -8,13 +8,15 @@ the sha256 of the GGUF it was made from).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
 from tqdm import tqdm
+
+from app.config import Settings
+from app.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +46,17 @@ def gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with (
-        path.open("rb") as fh,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            desc=f"sha256 {path.name}",
-            disable=path.stat().st_size < 64 << 20,
-        ) as bar,
-    ):
-        while block := fh.read(chunk):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
-
-
 def default_model_dir(cache_dir: Path) -> Path:
     return cache_dir / "models" / DEFAULT_MODEL_NAME
+
+
+def resolve_model_dir(settings: Settings, model: str | Path | None = None) -> Path:
+    """The one model-directory resolver: `model` (a CLI option) if given, else
+    `SAFEPATCH_MODEL` (`settings.model`), else the embedded SmolLM2, converted on first use."""
+    chosen = model or settings.model
+    if chosen:
+        return Path(chosen).resolve()
+    return ensure_default_model(settings.cache_dir)
 
 
 def ensure_default_model(cache_dir: Path) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from app.orthogonality.scoring import AdapterScore, Side
+from app.orthogonality.results import AdapterScore, Side
 
 _CLIP = 1e-6
 
@@ -35,30 +35,21 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
 
     layers = [row for row in score.layers(side) if row["layer"] is not None]
     xs = [row["layer"] for row in layers]
-    ax_layer.plot(
-        xs,
-        [_clip(row["orthogonality"]) for row in layers],
-        "o-",
-        color="C0",
-        label="adapter, right side V (ΔW-energy weighted)"
-        if side == "both"
-        else "adapter (ΔW-energy weighted)",
-    )
-    if side == "both":  # the left side (U) beside the paper's right-side headline
-        ax_layer.plot(
-            xs,
-            [_clip(row["left_orthogonality"]) for row in layers],
-            "s:",
-            color="C1",
-            label="adapter, left side U",
-        )
-    ax_layer.plot(
-        xs,
-        [_clip(row["baseline"]) for row in layers],
-        "--",
-        color="grey",
-        label="random subspace baseline",
-    )
+    lines = [  # (column, style, colour, label)
+        (
+            "orthogonality",
+            "o-",
+            "C0",
+            "adapter, right side V (ΔW-energy weighted)"
+            if side == "both"
+            else "adapter (ΔW-energy weighted)",
+        ),
+        # the left side (U) beside the paper's right-side headline
+        *([("left_orthogonality", "s:", "C1", "adapter, left side U")] if side == "both" else []),
+        ("baseline", "--", "grey", "random subspace baseline"),
+    ]
+    for column, style, color, label in lines:
+        ax_layer.plot(xs, [_clip(row[column]) for row in layers], style, color=color, label=label)
     ax_layer.set_ylabel("orthogonality 1 − φ")
     summary = score.to_dict(detail=False, side=side)
     overall = summary["orthogonality"]
@@ -78,24 +69,13 @@ def plot_adapter_score(score: AdapterScore, out_png: Path, *, side: Side = "both
         )
         if not mods:
             continue
+        layers = [m.layer for m in mods]
         color = f"C{i % 10}"
+        measured, baseline = zip(*(m.phi(side) for m in mods), strict=True)
         ax_mod.plot(
-            [m.layer for m in mods],
-            [_clip(1 - m.phi(side)[0]) for m in mods],
-            "o-",
-            color=color,
-            ms=3,
-            lw=1,
-            label=kind,
+            layers, [_clip(1 - p) for p in measured], "o-", color=color, ms=3, lw=1, label=kind
         )
-        ax_mod.plot(
-            [m.layer for m in mods],
-            [_clip(1 - m.phi(side)[1]) for m in mods],
-            "--",
-            color=color,
-            lw=0.8,
-            alpha=0.7,
-        )
+        ax_mod.plot(layers, [_clip(1 - p) for p in baseline], "--", color=color, lw=0.8, alpha=0.7)
     ax_mod.set_ylabel("orthogonality 1 − φ per module")
     ax_mod.set_xlabel("layer")
     for ax in (ax_layer, ax_mod):

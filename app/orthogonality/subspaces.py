@@ -15,7 +15,6 @@ model's subspaces. A cached top-k' with k' ≥ k serves k by slicing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,19 +22,19 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.model.identity import model_identity
+from app.constants import MODEL_CONFIG_FILE
+from app.files import atomic_write
+from app.model.identity import model_identity, weights_digest
 from app.orthogonality import linalg
 
 logger = logging.getLogger(__name__)
 
-_SAMPLE_BYTES = 1 << 16
 _CACHE_FILE = re.compile(r"^(.+)\.k(\d+)\.safetensors$")
 
 
@@ -62,34 +61,6 @@ class Subspace:
         )
 
 
-def _file_signature(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
-    return tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-        for f in sorted(model_dir.glob("*.safetensors"))
-    )
-
-
-@lru_cache(maxsize=16)
-def _content_digest(model_dir: Path, signature: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for name, size, _ in signature:
-        with (model_dir / name).open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            digest.update(name.encode() + size.to_bytes(8, "little") + fh.read(header_len))
-            data_start = 8 + header_len
-            for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-                fh.seek(data_start + int(frac * max(0, size - data_start - _SAMPLE_BYTES)))
-                digest.update(fh.read(_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]
-
-
-def weights_digest(model_dir: Path) -> str:
-    """Cheap content hash of a model's safetensors files: headers plus five 64 KiB samples of
-    each file's data (reads well under 1 MiB per file; cached per path, size and mtime)."""
-    model_dir = model_dir.resolve()
-    return _content_digest(model_dir, _file_signature(model_dir))
-
-
 class SubspaceStore:
     """Cached top-k subspaces of one model's 2-D weights. Thread-safe; one per model dir."""
 
@@ -106,7 +77,7 @@ class SubspaceStore:
         memory: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir).resolve()
-        if not (self.model_dir / "config.json").is_file():
+        if not (self.model_dir / MODEL_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.model_dir} is not a HF model directory")
         self.identity = model_identity(self.model_dir)
         self.content = weights_digest(self.model_dir)
@@ -182,15 +153,11 @@ class SubspaceStore:
 
     def put(self, sub: Subspace, meta: dict[str, str]) -> None:
         """Write one subspace to the disk cache (atomically) and keep it in memory."""
-        path = self.cache_path(sub.weight, sub.k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        save_file(
-            {"U": sub.U.contiguous(), "S": sub.S.contiguous(), "V": sub.V.contiguous()},
-            str(tmp),
-            metadata=meta,
+        tensors = {"U": sub.U.contiguous(), "S": sub.S.contiguous(), "V": sub.V.contiguous()}
+        atomic_write(
+            self.cache_path(sub.weight, sub.k),
+            lambda tmp: save_file(tensors, str(tmp), metadata=meta),
         )
-        os.replace(tmp, path)
         self._remember(sub)
 
     # --- computation --------------------------------------------------------------------
@@ -309,3 +276,10 @@ def get_store(model_dir: Path, cache_dir: Path) -> SubspaceStore:
         if store is None:
             store = _STORES[key] = SubspaceStore(model_dir, cache_dir)
         return store
+
+
+def forget_stores() -> None:
+    """Drop every process-wide store (their in-memory subspaces): the next `get_store` reads
+    the disk cache again, as a fresh process would."""
+    with _STORES_LOCK:
+        _STORES.clear()

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from app.errors import BadRequest
-
-METADATA_FILE = "safepatch.json"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+from app.constants import METADATA_FILE, WEIGHTS_FILE
+from app.exceptions import InvalidMetadata
+from app.files import file_sha256
 
 
 class PatchMetadata(BaseModel):
@@ -51,20 +46,17 @@ class PatchMetadata(BaseModel):
 
 
 def weights_sha256(adapter_dir: Path) -> str:
-    return hashlib.sha256((adapter_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    """sha256 of an adapter's weights file: a patch's identity (registration, stack names)."""
+    return file_sha256(adapter_dir / WEIGHTS_FILE)
 
 
-def invalid_metadata(exc: ValueError) -> BadRequest:
-    """A 422 naming the first bad field of a `safepatch.json` (e.g. `metadata.gate.mode`)."""
+def invalid_metadata(exc: ValueError) -> InvalidMetadata:
+    """The error (a 422) naming the first bad field of a `safepatch.json` (e.g.
+    `metadata.gate.mode`)."""
     if isinstance(exc, ValidationError) and exc.errors():
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        return BadRequest(
-            f"invalid safepatch.json: {field}: {first['msg']}",
-            param=f"metadata.{field}",
-            code="invalid_metadata",
-            status_code=422,
+        return InvalidMetadata(
+            f"invalid safepatch.json: {field}: {first['msg']}", param=f"metadata.{field}"
         )
-    return BadRequest(
-        f"invalid safepatch.json: {exc}", param="metadata", code="invalid_metadata", status_code=422
-    )
+    return InvalidMetadata(f"invalid safepatch.json: {exc}", param="metadata")

@@ -1,56 +1,90 @@
 """Orthogonality scores of registered patches: computed off the event loop, one job at a
-time (each reads cached base subspaces; the first one per model fills that cache)."""
+time (each reads cached base subspaces; the first one per model fills that cache), and stored
+with the patch when scored in the background."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
-from app.state import AppState
+from app.patches.registry import PatchRegistry
 
 logger = logging.getLogger(__name__)
-# One lock per event loop: a module-level asyncio.Lock binds to the first loop that waits on
-# it, and every later loop (a second app in one process, tests) then fails with RuntimeError.
-_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
 
 
-def _one_at_a_time() -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    lock = _locks.get(loop)
-    if lock is None:
-        lock = _locks[loop] = asyncio.Lock()
-    return lock
+class ScoreFunction(Protocol):
+    def __call__(
+        self, adapter_dir: Path, model_dir: Path, *, k: int | None, cache_dir: Path
+    ) -> Any: ...
 
 
-async def compute_score(state: AppState, name: str, k: int | None = None) -> Any:
-    """AdapterScore of a registered patch against the base model (blocking work in a thread)."""
+def orthogonality_score(
+    adapter_dir: Path, model_dir: Path, *, k: int | None, cache_dir: Path
+) -> Any:
+    """The default score function: `app.orthogonality.scoring.score_adapter`."""
     from app.orthogonality.scoring import score_adapter
 
-    record = state.registry.get(name)
-    async with _one_at_a_time():
-        return await asyncio.to_thread(
-            score_adapter, record.path, state.model_dir, k=k, cache_dir=state.settings.cache_dir
-        )
+    return score_adapter(adapter_dir, model_dir, k=k, cache_dir=cache_dir)
 
 
-async def _score_and_store(state: AppState, name: str) -> None:
-    try:
-        score = await compute_score(state, name, state.settings.ortho_k)
-        # a database write: off the event loop (it may wait seconds on a lost database)
-        await asyncio.to_thread(
-            state.registry.store_result, name, "orthogonality", score.to_dict(detail=False)
-        )
-        state.metrics.adapter_events.labels("scored").inc()
-    except Exception:  # a scoring failure must not take the server down
-        logger.exception("orthogonality scoring of %s failed", name)
+class Scorer:
+    """Scores patches with `score` (an AdapterScore-like result with `to_dict`); `on_scored`
+    is told each stored background score (metrics). Tests pass their own `score`."""
 
+    def __init__(
+        self,
+        registry: PatchRegistry,
+        *,
+        model_dir: Path,
+        cache_dir: Path,
+        default_k: int | None,
+        score: ScoreFunction = orthogonality_score,
+        on_scored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.registry = registry
+        self.model_dir = model_dir
+        self.cache_dir = cache_dir
+        self.default_k = default_k
+        self.score = score
+        self.on_scored = on_scored
+        self.background: set[asyncio.Task[None]] = set()  # kept alive until done
+        self._lock: asyncio.Lock | None = None  # made on the loop that first scores
 
-def schedule_scoring(state: AppState, name: str) -> None:
-    """Score `name` in the background; requests are never blocked on it."""
-    task = asyncio.get_running_loop().create_task(_score_and_store(state, name))
-    state.background.add(task)
-    task.add_done_callback(state.background.discard)
+    def _one_at_a_time(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def compute(self, name: str, k: int | None = None) -> Any:
+        """The score of a registered patch against the base model (blocking work in a thread).
+        PatchNotFound for an unknown name; ValueError for a k the patch's modules do not allow."""
+        record = self.registry.get(name)
+        async with self._one_at_a_time():
+            return await asyncio.to_thread(
+                self.score, record.path, self.model_dir, k=k, cache_dir=self.cache_dir
+            )
+
+    async def _score_and_store(self, name: str) -> None:
+        try:
+            score = await self.compute(name, self.default_k)
+            # a database write: off the event loop (it may wait seconds on a lost database)
+            await asyncio.to_thread(
+                self.registry.store_result, name, "orthogonality", score.to_dict(detail=False)
+            )
+            self.on_scored()
+        except Exception:  # a scoring failure must not take the server down
+            logger.exception("orthogonality scoring of %s failed", name)
+
+    def schedule(self, name: str) -> None:
+        """Score `name` in the background; requests are never blocked on it."""
+        task = asyncio.get_running_loop().create_task(self._score_and_store(name))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def cancel(self) -> None:
+        """Cancel background scoring (shutdown)."""
+        for task in list(self.background):
+            task.cancel()

@@ -17,10 +17,8 @@ of the inputs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from app.patches.lora_io import (
+from app.constants import STACK_PREFIX
+from app.files import fsync_dir, replace_dir
+from app.lora import (
     LoraAdapter,
     LoraFormatError,
     LoraModule,
@@ -37,8 +37,6 @@ from app.patches.lora_io import (
     write_lora_adapter,
 )
 from app.patches.metadata import weights_sha256
-
-STACK_PREFIX = "stack-"
 
 
 class StackingError(ValueError):
@@ -128,34 +126,9 @@ def combine_adapters(adapter_dirs: Sequence[Path], out_dir: Path) -> Path:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         write_lora_adapter(stacked, tmp, metadata={"safepatch_stack_of": sources})
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
+        fsync_dir(tmp)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first, then deleted."""
-    try:
-        os.rename(new, target)
-        return
-    except OSError:
-        if not target.exists():
-            raise
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.rename(old, target)  # put the previous build back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

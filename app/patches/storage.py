@@ -1,4 +1,4 @@
-"""Storage faults of the adapter store and stack cache, as API errors, and directory removal that
+"""Storage faults of the adapter store and stack cache, as domain errors, and directory removal that
 no reader (nor a restart after a crash) can observe half-done."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from app.errors import APIError
+from app.exceptions import StorageFailure, StorageFull
 
 logger = logging.getLogger(__name__)
 
@@ -19,31 +19,21 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class StorageError(APIError):
-    """The server could not write (or read) its own files: a 5xx, and nothing was changed."""
-
-    status_code = 500
-    type = "server_error"
-    code = "storage_error"
-
-
-def storage_error(exc: OSError, doing: str) -> StorageError:
-    """The API error for an OSError met while `doing` (e.g. 'storing the adapter'): 507 for a
-    full disk or quota, 500 for an unwritable store or any other I/O failure. The message names
-    the failure, not the server's paths."""
+def storage_error(exc: OSError, doing: str) -> StorageFailure:
+    """The domain error for an OSError met while `doing` (e.g. 'storing the adapter'):
+    StorageFull for a full disk or quota (507), StorageFailure for an unwritable store or any
+    other I/O failure (500). The message names the failure, not the server's paths."""
     reason = exc.strerror or type(exc).__name__
     if exc.errno in _FULL:
-        return StorageError(
-            f"{doing} failed: the server's storage is full ({reason}); nothing was changed",
-            code="insufficient_storage",
-            status_code=507,
+        return StorageFull(
+            f"{doing} failed: the server's storage is full ({reason}); nothing was changed"
         )
     if exc.errno in _READ_ONLY:
-        return StorageError(
+        return StorageFailure(
             f"{doing} failed: the server's storage is not writable ({reason}); nothing was changed",
             code="storage_not_writable",
         )
-    return StorageError(f"{doing} failed: storage error ({reason}); nothing was changed")
+    return StorageFailure(f"{doing} failed: storage error ({reason}); nothing was changed")
 
 
 def remove_dir(path: Path) -> None:

@@ -22,16 +22,23 @@ import asyncio
 import itertools
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from app.constants import WEIGHTS_FILE
 from app.engine.types import EngineClient, LoraTarget
-from app.errors import APIError, BadRequest, NotFound, Unavailable
-from app.patches.metadata import WEIGHTS_FILE
+from app.exceptions import (
+    DomainError,
+    PatchNotFound,
+    PatchUnavailable,
+    RankTooLarge,
+    Unstackable,
+)
 from app.patches.stacking import StackingError, combine_adapters, combined_name
 from app.patches.storage import remove_dir, storage_error
+from app.patches.unloading import EngineTable
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +51,21 @@ class PatchLike(Protocol):
     meta: dict
 
 
-class ServingTargets:
-    def __init__(self, stack_dir: Path, max_rank: int, max_stacked: int = 32) -> None:
+class ServingTargets(EngineTable):
+    def __init__(
+        self,
+        stack_dir: Path,
+        max_rank: int,
+        max_stacked: int = 32,
+        *,
+        engine: EngineClient,
+        on_event: Callable[[str], None] = lambda event: None,
+    ) -> None:
         self.stack_dir = stack_dir
         self.max_rank = max_rank
         self.max_stacked = max_stacked
-        self.engine: EngineClient | None = None
-        self.on_event: Callable[[str], None] = lambda event: None  # metrics hook
+        self.engine = engine
+        self.on_event = on_event  # adapter events, for metrics: "loaded", "stacked", ...
         self.engine_lock = asyncio.Lock()  # held by every engine LoRA call (see `exclusive`)
         self._new_id = itertools.count(1)
         # (name, weights hash) -> the live LoRA for it, and the reverse: what new requests get
@@ -88,20 +103,18 @@ class ServingTargets:
             return None
         for patch in patches:
             if patch.name in self.damaged:
-                raise Unavailable(
-                    f"safety patch '{patch.name}' cannot be served: {self.damaged[patch.name]}",
-                    code="patch_unavailable",
+                raise PatchUnavailable(
+                    f"safety patch '{patch.name}' cannot be served: {self.damaged[patch.name]}"
                 )
         if len(patches) == 1 and not patches[0].meta.get("serve_folded"):
             return self.single(patches[0])
         key = "+".join(p.name for p in patches)
         rank = sum(p.rank for p in patches)
         if rank > self.max_rank:
-            raise BadRequest(
+            raise RankTooLarge(
                 f"stacking {key} needs LoRA rank {rank}, above the engine's max_lora_rank "
                 f"{self.max_rank}",
                 param="safety_patches",
-                code="stacked_rank_too_large",
             )
         disk_name = combined_name([p.name for p in patches], [p.sha256 for p in patches])
         cached = self._stacked.get(key)
@@ -111,7 +124,7 @@ class ServingTargets:
         deletions = [self._deletions[p.name] for p in patches]
         try:
             await self._build(disk_name, patches)
-        except APIError:
+        except DomainError:
             self._refuse_deleted(patches, deletions)  # the likelier cause of a failed build
             raise
         self._refuse_deleted(patches, deletions)
@@ -128,14 +141,12 @@ class ServingTargets:
         return target
 
     def _refuse_deleted(self, patches: Sequence[PatchLike], deletions: list[int]) -> None:
-        """NotFound if one of `patches` was deleted since `deletions` was counted: a stack built
-        across a delete must not become resolvable."""
+        """PatchNotFound if one of `patches` was deleted since `deletions` was counted: a stack
+        built across a delete must not become resolvable."""
         for patch, count in zip(patches, deletions, strict=True):
             if self._deletions[patch.name] != count:
-                raise NotFound(
-                    f"safety patch '{patch.name}' was deleted",
-                    param="safety_patches",
-                    code="patch_not_found",
+                raise PatchNotFound(
+                    f"safety patch '{patch.name}' was deleted", param="safety_patches"
                 )
 
     async def _build(self, disk_name: str, patches: Sequence[PatchLike]) -> None:
@@ -150,10 +161,9 @@ class ServingTargets:
                     await asyncio.to_thread(combine_adapters, [p.path for p in patches], out_dir)
                     self.on_event("stacked")
         except StackingError as exc:
-            raise BadRequest(
+            raise Unstackable(
                 f"cannot stack {', '.join(p.name for p in patches)}: {exc}",
                 param="safety_patches",
-                code="unstackable_patches",
             ) from exc
         except OSError as exc:
             raise storage_error(exc, "building the stacked adapter") from exc
@@ -244,13 +254,6 @@ class ServingTargets:
         elif remove_files:  # never served: nothing to unload, only its files
             remove_dir(patch.path)
 
-    # --- the engine's LoRA table (one owner) ------------------------------------------
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """Hold the engine's LoRA table: no unload pass, pin or other holder runs meanwhile."""
-        async with self.engine_lock:
-            yield
-
     def live_targets(self) -> list[LoraTarget]:
         """The LoRAs new requests may still be given (patches and stacks not retired)."""
         return list(self._ids.values())
@@ -258,83 +261,3 @@ class ServingTargets:
     def is_live(self, target: LoraTarget) -> bool:
         """Whether `target` may still be served to new requests (not retired)."""
         return target.int_id in self._live
-
-    async def set_pinned(self, target: LoraTarget, pinned: bool) -> None:
-        """Pin `target` in the engine (loaded, never evicted) or unpin it, as the one owner of
-        the engine's LoRA table. NotFound if it was retired before or during the call (its
-        unload pass runs next and undoes a pin); Unavailable if the engine refused."""
-        async with self.engine_lock:
-            if not self.is_live(target) or self.engine is None:
-                raise NotFound(f"'{target.name}' is no longer served", code="patch_not_found")
-            try:
-                if pinned:
-                    await self.engine.pin_lora(target)
-                else:  # vLLM has no unpin: unload, then load again unpinned
-                    await self.engine.remove_lora(target)
-            except Exception as exc:
-                raise Unavailable(
-                    f"the engine could not {'pin' if pinned else 'unpin'} '{target.name}': {exc}",
-                    code="engine_error",
-                ) from exc
-            if not pinned:
-                try:  # only a warm-up: a request loads an unloaded LoRA on demand
-                    await self.engine.add_lora(target)
-                except Exception as exc:
-                    logger.warning("reloading unpinned LoRA %s failed: %s", target.name, exc)
-            if not self.is_live(target):
-                raise NotFound(f"'{target.name}' was deleted meanwhile", code="patch_not_found")
-
-    def _schedule_unload(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # outside the server's loop (CLI, tests): unload later
-            return
-        task = self._unload_task
-        # One pending pass is enough: it rescans after every await, up to its (synchronous) end.
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._unload_task = loop.create_task(self.unload_retired())
-
-    async def unload_retired(self) -> None:
-        """Unload every retired LoRA that no lease holds; one pass at a time."""
-        async with self.engine_lock:
-            await self.unload_retired_locked()
-
-    async def unload_retired_locked(self) -> None:
-        """`unload_retired` for a caller already inside `exclusive()`."""
-        failed: set[int] = set()  # retried by the next pass, not this one
-        while True:
-            int_id = next(
-                (i for i in self._retired if not self._leases.get(i) and i not in failed), None
-            )
-            if int_id is None:
-                return
-            target = self._retired[int_id][0]
-            if self.engine is not None and self.engine.is_ready:
-                try:
-                    await self.engine.remove_lora(target)
-                except Exception as exc:
-                    logger.warning("unloading LoRA %s failed (retried later): %s", target.name, exc)
-                    failed.add(int_id)
-                    asyncio.get_running_loop().call_later(self.retry_s, self._schedule_unload)
-                    continue
-                self.on_event("unloaded")
-            if self._leases.get(int_id):  # leased while unloading: it goes again after that
-                continue
-            _, remove_files = self._retired.pop(int_id)
-            self._leases.pop(int_id, None)  # a count of 0, or never leased
-            self._used.discard(int_id)
-            self._unloaded.add(int_id)
-            if remove_files:
-                self._remove_files(target.path)
-
-    def _remove_files(self, path: Path) -> None:
-        """Delete a retired LoRA's directory unless a live stack serves the same one (same
-        patches, same weights); another retired LoRA on it inherits the deletion."""
-        if any(t.path == path for t in self._stacked.values()):
-            return
-        for int_id, (other, _) in self._retired.items():
-            if other.path == path:
-                self._retired[int_id] = (other, True)
-                return
-        remove_dir(path)

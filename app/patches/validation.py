@@ -2,8 +2,8 @@
 
 Checks run cheapest first: file listing, sizes, config JSON, the safetensors header (names, shapes,
 dtypes), the base model's weight shapes (also from headers), and only then the tensors themselves
-(finiteness) and the sha256 of the weights. Each failure raises AdapterValidationError with a stable
-`code` (the HTTP layer turns it into a 4xx):
+(finiteness) and the sha256 of the weights. Each failure raises AdapterValidationError (an
+InvalidRequest: a 400) with a stable `code`:
 
     invalid_name            name does not match NAME_PATTERN, or uses the reserved 'stack-' prefix
     missing_file            adapter dir, adapter_config.json or adapter_model.safetensors missing
@@ -11,7 +11,7 @@ dtypes), the base model's weight shapes (also from headers), and only then the t
     too_large               config + weights exceed max_bytes
     invalid_config          adapter_config.json is not a JSON object with a positive int r
     not_lora                peft_type is not LORA
-    unsupported_feature     DoRA, modules_to_save, bias, … (ΔW is not s·B·A; see lora_io)
+    unsupported_feature     DoRA, modules_to_save, bias, … (ΔW is not s·B·A; see app.lora)
     invalid_weights         the safetensors file cannot be parsed
     unexpected_tensor_keys  key not base_model.model.<module>.lora_{A,B}.weight, or lacks its pair
     no_lora_weights         the weights file holds no LoRA factors
@@ -32,24 +32,26 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from app.constants import (
+    CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    NAME_PATTERN,
+    PICKLE_SUFFIXES,
+    STACK_PREFIX,
+    WEIGHTS_FILE,
+)
+from app.exceptions import InvalidRequest
+from app.lora import LoraFormatError, leaf_names, read_checked
 from app.model.identity import model_identity, weight_shapes
-from app.patches.lora_config import LoraFormatError
-from app.patches.lora_io import leaf_names, read_checked
-from app.patches.metadata import CONFIG_FILE, NAME_PATTERN, WEIGHTS_FILE, weights_sha256
-
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-RESERVED_PREFIX = "stack-"  # names of combined adapters (app.patches.stacking.combined_name)
+from app.patches.metadata import weights_sha256
 
 
-class AdapterValidationError(ValueError):
+class AdapterValidationError(InvalidRequest, ValueError):
     """A patch refused at the door: `message` for people, `code` for machines, `param` names the
     offending field, file, module or tensor key when there is one."""
 
     def __init__(self, message: str, param: str | None, code: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
+        super().__init__(message, param=param, code=code)
 
     def __repr__(self) -> str:
         return f"AdapterValidationError(code={self.code!r}, param={self.param!r}, {self.message!r})"
@@ -81,9 +83,9 @@ def validate_name(name: str) -> str:
             "name",
             "invalid_name",
         )
-    if name.startswith(RESERVED_PREFIX):
+    if name.startswith(STACK_PREFIX):
         raise AdapterValidationError(
-            f"invalid name {name!r}: {RESERVED_PREFIX!r} is reserved for stacked patches",
+            f"invalid name {name!r}: {STACK_PREFIX!r} is reserved for stacked patches",
             "name",
             "invalid_name",
         )
@@ -177,7 +179,7 @@ def _check_base(
             )
     warnings: list[str] = []
     base_arch = (
-        json.loads((model_dir / "config.json").read_text()).get("architectures") or ["unknown"]
+        json.loads((model_dir / MODEL_CONFIG_FILE).read_text()).get("architectures") or ["unknown"]
     )[0]
     trained_on = (config.get("auto_mapping") or {}).get("base_model_class")
     if trained_on and trained_on != base_arch:

@@ -3,7 +3,7 @@
     effective = mandatory ∪ (default − opted_out) ∪ (opted_in ∩ allowed)
 
 where allowed = mandatory ∪ default ∪ optional. Asking for anything else, or opting out of a
-mandatory patch, is refused (403) — never silently changed.
+mandatory patch, is refused (PolicyViolation, a 403) — never silently changed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from app.errors import BadRequest, Forbidden
+from app.exceptions import InvalidToggles, PolicyViolation
 from app.patches.gate import Mode
 
 
@@ -66,11 +66,11 @@ def parse_toggles(items: Iterable[str], param: str) -> Toggles:
             continue
         name = item[1:] if item.startswith("-") else item.removeprefix("+")
         if not name:
-            raise BadRequest(f"empty patch name in {param}", param=param, code="invalid_patch")
+            raise InvalidToggles(f"empty patch name in {param}", param=param, code="invalid_patch")
         (opt_out if item.startswith("-") else opt_in).add(name)
     both = opt_in & opt_out
     if both:
-        raise BadRequest(
+        raise InvalidToggles(
             f"patches both requested and opted out: {', '.join(sorted(both))}",
             param=param,
             code="conflicting_toggles",
@@ -81,7 +81,7 @@ def parse_toggles(items: Iterable[str], param: str) -> Toggles:
 def effective_patches(policy: TenantPolicy, toggles: Toggles) -> list[str]:
     dropped_mandatory = toggles.opt_out & set(policy.mandatory)
     if dropped_mandatory:
-        raise Forbidden(
+        raise PolicyViolation(
             f"patches {', '.join(sorted(dropped_mandatory))} are mandatory for this tenant "
             "and cannot be turned off",
             param="safety_patches",
@@ -89,14 +89,14 @@ def effective_patches(policy: TenantPolicy, toggles: Toggles) -> list[str]:
         )
     forbidden = toggles.opt_in - policy.allowed()
     if forbidden:
-        raise Forbidden(
+        raise PolicyViolation(
             f"patches {', '.join(sorted(forbidden))} are not allowed for this tenant",
             param="safety_patches",
             code="patch_forbidden",
         )
     chosen = {*policy.mandatory, *(set(policy.default) - toggles.opt_out), *toggles.opt_in}
     if not chosen and not policy.allow_base:
-        raise Forbidden(
+        raise PolicyViolation(
             "this tenant may not use the base model without a safety patch",
             param="model",
             code="base_model_forbidden",

@@ -13,7 +13,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from app import db
-from app.errors import BadRequest, Conflict, NotFound, Unauthorized
+from app.exceptions import (
+    AlreadyExists,
+    InvalidApiKey,
+    InvalidRequest,
+    KeyNotFound,
+    TenantNotFound,
+)
 from app.tenants.policy import TenantPolicy
 
 if TYPE_CHECKING:
@@ -49,11 +55,9 @@ class TenantService:
     to the database, then reload the snapshot. Writes block on the database: call them from
     a thread (`asyncio.to_thread`), never on the event loop."""
 
-    def __init__(self, database: Engine, catalog: Catalog | None = None) -> None:
-        from app.snapshot import Catalog
-
+    def __init__(self, database: Engine, catalog: Catalog) -> None:
         self.db = database
-        self.catalog = catalog or Catalog(database)
+        self.catalog = catalog
 
     # --- authentication (request path: memory only) -----------------------------------
     def authenticate(self, secret: str) -> Tenant:
@@ -62,7 +66,7 @@ class TenantService:
         tenant_id = snapshot.keys.get(hash_key(secret))
         tenant = snapshot.tenants.get(tenant_id) if tenant_id else None
         if tenant is None:
-            raise Unauthorized("invalid or revoked API key")
+            raise InvalidApiKey("invalid or revoked API key")
         return tenant
 
     # --- tenants ---------------------------------------------------------------------
@@ -72,24 +76,22 @@ class TenantService:
     def get(self, tenant_id: str) -> Tenant:
         tenant = self.catalog.snapshot.tenants.get(tenant_id)
         if tenant is None:
-            raise NotFound(
-                f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
-            )
+            raise TenantNotFound(f"tenant '{tenant_id}' does not exist", param="id")
         return tenant
 
     def create(self, tenant_id: str, name: str, policy: TenantPolicy, actor: str) -> Tenant:
         if tenant_id in RESERVED_IDS:
-            raise BadRequest(
+            raise InvalidRequest(
                 f"tenant id '{tenant_id}' is reserved", param="id", code="invalid_tenant_id"
             )
         if not TENANT_ID.fullmatch(tenant_id):
-            raise BadRequest(
+            raise InvalidRequest(
                 "tenant id must match [a-z0-9][a-z0-9_-]{0,62}",
                 param="id",
                 code="invalid_tenant_id",
             )
         now = db.utcnow()
-        taken = Conflict(f"tenant '{tenant_id}' already exists", param="id")
+        taken = AlreadyExists(f"tenant '{tenant_id}' already exists", param="id")
         try:
             with self.catalog.writing() as conn:
                 if conn.execute(
@@ -130,9 +132,7 @@ class TenantService:
             # made on another replica
             row = conn.execute(sa.select(db.tenants).where(db.tenants.c.id == tenant_id)).first()
             if row is None:
-                raise NotFound(
-                    f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
-                )
+                raise TenantNotFound(f"tenant '{tenant_id}' does not exist", param="id")
             before = Tenant.from_row(row)
             conn.execute(db.tenants.update().where(db.tenants.c.id == tenant_id).values(values))
             if policy is not None:
@@ -155,9 +155,7 @@ class TenantService:
             conn.execute(db.api_keys.delete().where(db.api_keys.c.tenant_id == tenant_id))
             gone = conn.execute(db.tenants.delete().where(db.tenants.c.id == tenant_id))
             if gone.rowcount == 0:
-                raise NotFound(
-                    f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
-                )
+                raise TenantNotFound(f"tenant '{tenant_id}' does not exist", param="id")
             self.catalog.audit(conn, actor, "tenant.delete", tenant_id)
 
     # --- keys ------------------------------------------------------------------------
@@ -180,9 +178,7 @@ class TenantService:
                 )
                 self.catalog.audit(conn, actor, "key.create", tenant_id, key_id=key_id)
         except sa.exc.IntegrityError:  # the tenant was deleted on another replica meanwhile
-            raise NotFound(
-                f"tenant '{tenant_id}' does not exist", param="id", code="tenant_not_found"
-            ) from None
+            raise TenantNotFound(f"tenant '{tenant_id}' does not exist", param="id") from None
         return {"id": key_id, "tenant_id": tenant_id, "key": secret, "created_at": now}
 
     def list_keys(self, tenant_id: str) -> list[dict[str, str | None]]:
@@ -211,10 +207,8 @@ class TenantService:
                 .values(revoked_at=db.utcnow())
             )
             if done.rowcount == 0:
-                raise NotFound(
-                    f"no active key '{key_id}' for tenant '{tenant_id}'",
-                    param="key_id",
-                    code="key_not_found",
+                raise KeyNotFound(
+                    f"no active key '{key_id}' for tenant '{tenant_id}'", param="key_id"
                 )
             self.catalog.audit(conn, actor, "key.revoke", tenant_id, key_id=key_id)
 

@@ -1,15 +1,12 @@
 """Helpers for the HTTP-layer tests: the real app (registry, tenants, SQLite) over FakeEngine.
 
-Modules that use `NO_SCORING` replace background orthogonality scoring by a recorder: scoring
-is tested in tests/orthogonality and test_orthogonality_routes.py, and its worker thread would
-add most of a second to every app teardown here.
+Modules that use `NO_SCORING` build apps whose background orthogonality scoring is a recorder
+(tests.support.apps.RecordingScorer).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from tests.conftest import ADMIN, DATABASE_KINDS, settings_on_postgres
+from tests.support.apps import recording_scores, running_app
 from tests.support.fake_engine import FakeEngine
 
 BASE = "tiny"  # the served name of the tiny model (its directory name)
@@ -30,13 +28,7 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 def scoring_calls(api_database: str) -> Iterator[list[str]]:
     """Names the app asked to score; no scoring thread runs. (It depends on `api_database` so
     that the module-scoped apps built on it are built again for each database.)"""
-    import app.api.routes.admin_adapters as admin_adapters
-    import app.main as main
-
-    calls: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        for module in (main, admin_adapters):
-            mp.setattr(module, "schedule_scoring", lambda _state, name: calls.append(name))
+    with recording_scores([]) as calls:
         yield calls
 
 
@@ -60,29 +52,6 @@ def api_database(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     with settings_on_postgres(request.getfixturevalue("postgres_server")):
         yield kind
-
-
-def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "engine never became ready"
-        time.sleep(0.01)
-
-
-@contextmanager
-def running_app(
-    settings: Settings, engine: FakeEngine | None = None, *, ready: bool = True
-) -> Iterator[tuple[TestClient, FakeEngine]]:
-    """The real app over a FakeEngine, lifespan included (so a second one on the same settings
-    is a restart)."""
-    from app.main import create_app
-
-    engine = engine or FakeEngine()
-    app = create_app(settings, engine_factory=lambda _s, _m: engine)
-    with TestClient(app) as client:
-        if ready:
-            wait_ready(client)
-        yield client, engine
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
-from app.model.tiny import build_tiny_llama
-from app.patches.testing import make_lora_adapter
 from tests.api.conftest import (
     NO_SCORING,
     adapter_names,
@@ -27,12 +25,14 @@ from tests.api.conftest import (
     chat,
     model_ids,
     patch_rows,
-    running_app,
     served_lora,
     store_listing,
 )
-from tests.conftest import ADMIN, make_settings, make_store
+from tests.conftest import ADMIN, make_settings, make_store, register_path
+from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
+from tests.support.lora_adapters import make_lora_adapter
+from tests.support.tiny_model import build_tiny_llama
 
 pytestmark = NO_SCORING
 
@@ -153,9 +153,7 @@ def test_refused_path_registration_changes_nothing(
     shutil.copytree(bad_adapters[adapter], store / adapter)
     try:
         state = Unchanged(client, store)
-        response = client.post(
-            "/admin/adapters", headers=ADMIN, json={"name": adapter, "path": adapter}
-        )
+        response = register_path(client, adapter, adapter)
         assert_error(response, status, code)
         state.check()
         assert client.get(f"/admin/adapters/{adapter}", headers=ADMIN).status_code == 404
@@ -220,9 +218,7 @@ def test_unsafe_name_is_refused(registry_app, patch_library, name: str) -> None:
     shutil.copytree(patch_library / "gamma", store / "gamma-copy")
     try:
         state = Unchanged(client, store)
-        response = client.post(
-            "/admin/adapters", headers=ADMIN, json={"name": name, "path": "gamma-copy"}
-        )
+        response = register_path(client, name, "gamma-copy")
         assert_error(response, 400, "invalid_name")
         state.check()
     finally:
@@ -251,15 +247,11 @@ def test_path_outside_the_store_is_refused(registry_app, patch_library) -> None:
             "alpha/../../adapters",
             "link-out",
         ]:
-            response = client.post(
-                "/admin/adapters", headers=ADMIN, json={"name": "outside", "path": path}
-            )
+            response = register_path(client, "outside", path)
             error = assert_error(response, 400, "path_outside_store")
             assert error["param"] == "path"
         assert_error(
-            client.post(
-                "/admin/adapters", headers=ADMIN, json={"name": "outside", "path": "no-such-dir"}
-            ),
+            register_path(client, "outside", "no-such-dir"),
             400,
             "adapter_not_found",
         )
@@ -283,7 +275,7 @@ def test_registering_a_taken_name_is_409(registry_app, patch_library) -> None:
     client, store = registry_app
     state = Unchanged(client, store)
     assert_error(
-        client.post("/admin/adapters", headers=ADMIN, json={"name": "alpha", "path": "beta"}),
+        register_path(client, "alpha", "beta"),
         409,
         "conflict",
     )
@@ -306,7 +298,7 @@ def test_too_large_adapter_is_refused(
             upload(client, "gamma", adapter_files(patch_library / "gamma")), 400, "too_large"
         )
         assert_error(
-            client.post("/admin/adapters", headers=ADMIN, json={"name": "alpha", "path": "alpha"}),
+            register_path(client, "alpha", "alpha"),
             400,
             "too_large",
         )
@@ -344,9 +336,7 @@ def test_register_from_path_serves_next_request(
     with running_app(dev_settings) as (client, engine):
         assert_error(chat(client, model="gamma"), 404, "model_not_found")
         shutil.copytree(patch_library / "gamma", store / "gamma")
-        response = client.post(
-            "/admin/adapters", headers=ADMIN, json={"name": "gamma", "path": "gamma"}
-        )
+        response = register_path(client, "gamma", "gamma")
         assert response.status_code == 201, response.text
         assert response.json()["name"] == "gamma"
         assert response.json()["source"] == "path"
@@ -359,11 +349,7 @@ def test_register_from_path_serves_next_request(
         assert served.json()["choices"][0]["message"]["content"] == "gamma:0 gamma:1 "
         assert served_lora(engine) == "gamma"
         # the same directory may also be registered under a second name (absolute path)
-        response = client.post(
-            "/admin/adapters",
-            headers=ADMIN,
-            json={"name": "gamma.v2", "path": str(store / "gamma")},
-        )
+        response = register_path(client, "gamma.v2", str(store / "gamma"))
         assert response.status_code == 201, response.text
 
 
@@ -438,12 +424,7 @@ def test_registrations_survive_a_restart(
     with running_app(settings) as (client, _):
         shutil.copytree(patch_library / "gamma", store / "gamma-dir")
         assert upload(client, "uploaded", adapter_files(patch_library / "gamma")).status_code == 201
-        assert (
-            client.post(
-                "/admin/adapters", headers=ADMIN, json={"name": "by-path", "path": "gamma-dir"}
-            ).status_code
-            == 201
-        )
+        assert register_path(client, "by-path", "gamma-dir").status_code == 201
         assert client.post("/admin/adapters/beta/pin", headers=ADMIN).status_code == 200
         assert client.delete("/admin/adapters/alpha", headers=ADMIN).status_code == 204
         before = client.get("/admin/adapters", headers=ADMIN).json()["data"]
@@ -471,9 +452,7 @@ def test_a_deleted_scanned_patch_stays_deleted_across_restarts(
             assert adapter_names(client) == ["alpha"]
     # and it can be registered again on purpose
     with running_app(settings) as (client, _):
-        response = client.post(
-            "/admin/adapters", headers=ADMIN, json={"name": "beta", "path": "beta"}
-        )
+        response = register_path(client, "beta", "beta")
         assert response.status_code == 201, response.text
     with running_app(settings) as (client, _):
         assert adapter_names(client) == ["alpha", "beta"]
@@ -487,12 +466,7 @@ def test_a_patch_registered_under_another_name_is_not_rescanned(
     with running_app(settings) as (client, _):
         shutil.copytree(patch_library / "gamma", store / "gamma-dir")
         for name in ("kept", "dropped"):
-            assert (
-                client.post(
-                    "/admin/adapters", headers=ADMIN, json={"name": name, "path": "gamma-dir"}
-                ).status_code
-                == 201
-            )
+            assert register_path(client, name, "gamma-dir").status_code == 201
         assert client.delete("/admin/adapters/dropped", headers=ADMIN).status_code == 204
     with running_app(settings) as (client, _):
         assert adapter_names(client) == ["alpha", "beta", "kept"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 import signal
 
 import uvicorn
+from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.server import DrainingServer
-from tests.api.conftest import NO_SCORING, running_app
+from tests.api.conftest import NO_SCORING
+from tests.support.apps import build_app, running_app
 from tests.support.fake_engine import FakeEngine
 
 pytestmark = NO_SCORING
@@ -53,17 +55,12 @@ def test_ready_is_503_once_draining_starts(settings: Settings) -> None:
 
 
 def test_engine_that_fails_to_start_is_logged_and_reported(settings, caplog) -> None:
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from tests.support.fake_engine import FakeEngine
-
     class BrokenEngine(FakeEngine):
         async def start(self) -> None:
             raise RuntimeError("no memory for the KV cache")
 
     fatal: list[bool] = []
-    app = create_app(settings, engine_factory=lambda s, m: BrokenEngine())
+    app, _ = build_app(settings, BrokenEngine())
     app.state.on_fatal = lambda: fatal.append(True)
     with TestClient(app) as client:
         for _ in range(50):

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.observability.logging import JsonFormatter
 from app.observability.metrics import Metrics
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
-from tests.conftest import ADMIN
+from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat
+from tests.conftest import ADMIN, register_path
+from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 
 pytestmark = NO_SCORING
@@ -54,30 +55,9 @@ def test_metrics_count_a_chat_request_by_route_status_tenant_and_patches(api) ->
     assert chat(client, key, max_tokens=3).status_code == 200
     assert value(client, "safepatch_requests_total", **labels) == 2
     # a stacked set and the bare base are labelled by what was applied
-    assert chat(client, key, safety_patches=["beta"]).status_code == 200
-    assert (
-        value(
-            client,
-            "safepatch_requests_total",
-            route=CHAT_ROUTE,
-            status="200",
-            tenant="obs",
-            patches="alpha,beta",
-        )
-        == 1
-    )
-    assert chat(client, key, safety_patches=["-alpha"]).status_code == 200
-    assert (
-        value(
-            client,
-            "safepatch_requests_total",
-            route=CHAT_ROUTE,
-            status="200",
-            tenant="obs",
-            patches="none",
-        )
-        == 1
-    )
+    for toggles, applied in ((["beta"], "alpha,beta"), (["-alpha"], "none")):
+        assert chat(client, key, safety_patches=toggles).status_code == 200
+        assert value(client, "safepatch_requests_total", **{**labels, "patches": applied}) == 1
     # tokens and time to first token, by tenant and patch set
     tokens = dict(tenant="obs", patches="alpha")
     assert value(client, "safepatch_tokens_total", kind="generated", **tokens) == 6
@@ -132,12 +112,7 @@ def test_metrics_count_refusals_and_unknown_callers(api) -> None:
 def test_metrics_count_adapter_events(api, patch_library: Path, store: Path) -> None:
     client, _ = api
     shutil.copytree(patch_library / "gamma", store / "gamma")
-    assert (
-        client.post(
-            "/admin/adapters", headers=ADMIN, json={"name": "gamma", "path": "gamma"}
-        ).status_code
-        == 201
-    )
+    assert register_path(client, "gamma", "gamma").status_code == 201
     assert client.post("/admin/adapters/gamma/pin", headers=ADMIN).status_code == 200
     assert client.delete("/admin/adapters/gamma", headers=ADMIN).status_code == 204
     for event in ("registered", "pinned", "deleted"):
@@ -263,13 +238,7 @@ def test_a_request_logs_json_lines_with_its_request_id(settings: Settings) -> No
 
 
 def test_an_engine_failure_is_a_500_with_request_id_log_and_metric(settings: Settings) -> None:
-    from app.main import create_app
-
-    engine = FakeEngine()
-    app = create_app(settings, engine_factory=lambda _s, _m: engine)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        while client.get("/ready").status_code != 200:
-            pass
+    with running_app(settings, raise_server_exceptions=False) as (client, engine):
         key = add_tenant(client, "boom", allow_base=True)
         engine.fail_with = RuntimeError("engine exploded")
         with json_log_lines() as lines:

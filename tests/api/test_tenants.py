@@ -21,10 +21,10 @@ from tests.api.conftest import (
     bearer,
     chat,
     model_ids,
-    running_app,
     served_lora,
 )
-from tests.conftest import ADMIN, make_settings, make_store
+from tests.conftest import ADMIN, make_settings, make_store, register_path
+from tests.support.apps import build_app, running_app
 from tests.support.fake_engine import FakeEngine
 
 pytestmark = NO_SCORING
@@ -328,7 +328,7 @@ def test_adapter_changes_are_audited(api, patch_library: Path, store: Path) -> N
     client.post("/admin/adapters/alpha/pin", headers=ADMIN)
     client.post("/admin/adapters/alpha/unpin", headers=ADMIN)
     client.delete("/admin/adapters/gamma", headers=ADMIN)
-    client.post("/admin/adapters", headers=ADMIN, json={"name": "gamma2", "path": "gamma"})
+    register_path(client, "gamma2", "gamma")
     entries = audit(client)[:4]
     assert [(e["action"], e["target"], e["actor"]) for e in reversed(entries)] == [
         ("patch.pin", "alpha", "admin"),
@@ -566,10 +566,8 @@ def test_tenants_keys_and_policies_survive_a_restart(settings: Settings) -> None
 def test_refuses_to_start_without_a_strong_admin_token(
     tiny_model: Path, store: Path, tmp_path: Path, token: str | None
 ) -> None:
-    from app.main import create_app
-
     settings = make_settings(tiny_model, tmp_path, admin_token=token)
-    app = create_app(settings, engine_factory=lambda _s, _m: FakeEngine())
+    app, _ = build_app(settings)
     with pytest.raises(RuntimeError, match="SAFEPATCH_ADMIN_TOKEN"), TestClient(app):
         pass
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE
-from tests.api.conftest import running_app
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import ADMIN, make_settings
+from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 
 # The stated staleness bound: a change made through one replica is in force on every other

@@ -5,6 +5,7 @@ other within the bound."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,18 +14,17 @@ from tests.api.conftest import add_tenant, assert_error, chat, served_lora
 from tests.conftest import ADMIN, make_store
 from tests.db.postgres import PostgresServer
 from tests.db.replicas import STALENESS_BOUND_S, fake_replicas, within
+from tests.support.apps import recording_scores
 
 # the poll that notices: one interval plus a refused connection (the server is local)
 NOTICE_BOUND_S = 3.0
 
 
 @pytest.fixture(autouse=True)
-def no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.api.routes.admin_adapters as admin_adapters
-    import app.main as main
-
-    for module in (main, admin_adapters):
-        monkeypatch.setattr(module, "schedule_scoring", lambda _state, _name: None)
+def no_scoring() -> Iterator[None]:
+    """No orthogonality scoring threads (tested elsewhere): they only slow these tests."""
+    with recording_scores([]):
+        yield
 
 
 def database_state(client) -> str:

@@ -15,8 +15,10 @@ from alembic.script import ScriptDirectory
 
 from app import db
 from app.patches.registry import PatchRegistry
+from app.snapshot import Catalog
 from app.tenants.service import TenantService, hash_key
 from tests.db import legacy_schema_v1 as legacy
+from tests.support.fake_engine import FakeEngine
 
 HEAD = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_current_head()
 SECRET = "sp-legacy-key-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -95,11 +97,12 @@ def test_a_pre_alembic_database_upgrades_in_place(database_url: str, tmp_path: P
             replicas = conn.execute(sa.select(db.audit_log.c.replica)).scalars().all()
         assert replicas == [None, None]  # written before replicas were recorded
         # the data serves: the old key authenticates, the patch resolves
-        tenants = TenantService(engine)
+        tenants = TenantService(engine, Catalog(engine))
         tenant = tenants.authenticate(SECRET)
         assert (tenant.id, tenant.policy.mandatory) == ("acme", ["alpha"])
         registry = PatchRegistry(
             engine,
+            engine=FakeEngine(),
             store_dir=tmp_path / "store",
             cache_dir=tmp_path / "cache",
             model_dir=tmp_path / "model",

@@ -15,19 +15,17 @@ from fastapi.testclient import TestClient
 from tests.api.conftest import add_tenant, assert_error, chat, served_lora
 from tests.conftest import ADMIN, make_store
 from tests.db.replicas import STALENESS_BOUND_S, adapter_files, fake_replicas, upload, within
+from tests.support.apps import recording_scores
 from tests.support.fake_engine import FakeEngine
 
 Replica = tuple[TestClient, FakeEngine]
 
 
 @pytest.fixture(autouse=True)
-def no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_scoring() -> Iterator[None]:
     """No orthogonality scoring threads (tested elsewhere): they only slow these tests."""
-    import app.api.routes.admin_adapters as admin_adapters
-    import app.main as main
-
-    for module in (main, admin_adapters):
-        monkeypatch.setattr(module, "schedule_scoring", lambda _state, _name: None)
+    with recording_scores([]):
+        yield
 
 
 @pytest.fixture

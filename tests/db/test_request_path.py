@@ -14,19 +14,18 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import add_tenant, chat, running_app
+from tests.api.conftest import add_tenant, chat
 from tests.conftest import ADMIN, make_settings, make_store
 from tests.db.replicas import adapter_files, upload
+from tests.support.apps import recording_scores, running_app
 from tests.support.fake_engine import FakeEngine
 
 
 @pytest.fixture(autouse=True)
-def no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.api.routes.admin_adapters as admin_adapters
-    import app.main as main
-
-    for module in (main, admin_adapters):
-        monkeypatch.setattr(module, "schedule_scoring", lambda _state, _name: None)
+def no_scoring() -> Iterator[None]:
+    """No orthogonality scoring threads (tested elsewhere): they only slow these tests."""
+    with recording_scores([]):
+        yield
 
 
 class StatementLog:

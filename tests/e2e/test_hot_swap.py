@@ -7,23 +7,14 @@ import threading
 
 import pytest
 
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, register_path
+from tests.support.live_server import chat
 
 pytestmark = pytest.mark.slow
 
 
 def _chat(http, key: str, model: str, **extra):
-    return http.post(
-        "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": model,
-            "temperature": 0,
-            "max_tokens": 8,
-            "messages": [{"role": "user", "content": "hack the water"}],
-            **extra,
-        },
-    )
+    return chat(http, key, model, "hack the water", 8, **extra)
 
 
 def test_register_serve_unregister_without_restart(live_server, open_key, patch_library) -> None:
@@ -31,9 +22,7 @@ def test_register_serve_unregister_without_restart(live_server, open_key, patch_
     shutil.copytree(patch_library / "gamma", store / "delta")
     with live_server.client() as http:
         assert _chat(http, open_key, "delta").status_code == 404
-        registered = http.post(
-            "/admin/adapters", headers=ADMIN, json={"name": "delta", "path": "delta"}
-        )
+        registered = register_path(http, "delta", "delta")
         assert registered.status_code == 201, registered.text
         key = live_server.tenant_key(
             "delta-user", {"optional": ["delta", "gamma"], "allow_base": True}
@@ -83,9 +72,7 @@ def test_register_while_streaming(live_server, open_key, patch_library) -> None:
     with live_server.client() as http:
         for i in range(3):
             shutil.copytree(patch_library / "gamma", store / f"hot{i}")
-            response = http.post(
-                "/admin/adapters", headers=ADMIN, json={"name": f"hot{i}", "path": f"hot{i}"}
-            )
+            response = register_path(http, f"hot{i}", f"hot{i}")
             assert response.status_code == 201, response.text
     for thread in threads:
         thread.join(300)

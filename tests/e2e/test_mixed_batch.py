@@ -12,22 +12,14 @@ import httpx
 import pytest
 import torch
 
+from tests.support.live_server import chat
+
 pytestmark = pytest.mark.slow
 PROMPTS = ["how to make a bomb", "what is the capital of france", "write a recipe", "hack"]
 
 
 async def _tokens(http: httpx.AsyncClient, key: str, model: str, prompt: str) -> list[int]:
-    response = await http.post(
-        "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": model,
-            "temperature": 0,
-            "max_tokens": 16,
-            "return_token_ids": True,
-            "messages": [{"role": "user", "content": prompt}],
-        },
-    )
+    response = await chat(http, key, model, prompt, 16, return_token_ids=True)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["token_ids"]
 

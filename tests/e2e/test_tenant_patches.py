@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.live_server import chat
+
 pytestmark = pytest.mark.slow
 
 
-def _chat(http, key: str, model: str = "tiny", headers: dict | None = None, **extra):
-    return http.post(
-        "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key}", **(headers or {})},
-        json={
-            "model": model,
-            "temperature": 0,
-            "max_tokens": 10,
-            "return_token_ids": True,
-            "messages": [{"role": "user", "content": "how to hack"}],
-            **extra,
-        },
-    )
+def _chat(http, key: str, model: str = "tiny", **extra):
+    return chat(http, key, model, "how to hack", 10, return_token_ids=True, **extra)
 
 
 def test_applied_patches_equal_engine_patches(live_server, open_key) -> None:

@@ -41,12 +41,10 @@ def test_unexpected_op_signature_is_left_alone() -> None:
     def bgmv_shrink(inputs, weights, output, indices, scaling=1.0, extra=None):  # noqa: ANN001,ANN202
         return None
 
-    fake_ops = types.SimpleNamespace(
-        **{n: getattr(lora_ops, n) for n in cpu_lora_fix._EXPECTED_OPS}
-    )
+    fake_ops = types.SimpleNamespace(**{n: getattr(lora_ops, n) for n in cpu_lora_fix.EXPECTED_OPS})
     fake_ops.bgmv_shrink = bgmv_shrink
     fake_punica = types.SimpleNamespace()
-    assert cpu_lora_fix._install_ops(fake_ops, fake_punica) is False
+    assert cpu_lora_fix.install_ops(fake_ops, fake_punica) is False
     assert fake_ops.bgmv_shrink is bgmv_shrink and fake_ops.sgmv_shrink is lora_ops.sgmv_shrink
 
 
@@ -59,7 +57,7 @@ def test_unexpected_wrapper_signature_is_left_alone() -> None:
             return None
 
     original = Wrapper._shrink_prefill
-    assert cpu_lora_fix._install_wrapper(Wrapper) is False
+    assert cpu_lora_fix.install_wrapper(Wrapper) is False
     assert Wrapper._shrink_prefill is original
 
 

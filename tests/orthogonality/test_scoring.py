@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 
+from app.lora import config_rank_alpha, module_scaling
+from app.lora import module_path as path_of
 from app.orthogonality import linalg
-from app.orthogonality.adapter import load_adapter, module_scaling
-from app.orthogonality.scoring import interference, score_adapter
+from app.orthogonality.adapter import load_adapter
+from app.orthogonality.interference import interference
+from app.orthogonality.scoring import score_adapter
 from tests.orthogonality.conftest import MODULES, module_path, random_factors, write_lora
 
 R = 4
@@ -121,14 +124,18 @@ def test_peft_written_adapter_matches_peft_delta_weight(tiny_model, tmp_path):
         if hasattr(module, "lora_A")
     }
     adapter = load_adapter(tmp_path / "peft")
-    assert set(adapter.modules) == set(deltas) and len(deltas) == 6
-    for module, f in adapter.modules.items():
-        d = f.svd()
+    assert {path_of(w) for w in adapter.modules} == set(deltas) and len(deltas) == 6
+    for weight, f in adapter.modules.items():
+        d = linalg.lora_delta_svd(f.b, f.a, f.scaling)
         torch.testing.assert_close(
-            (d.U * d.S) @ d.V.T, deltas[module].double(), atol=1e-5, rtol=1e-5
+            (d.U * d.S) @ d.V.T, deltas[path_of(weight)].double(), atol=1e-5, rtol=1e-5
         )
-    assert adapter.modules["model.layers.0.mlp.down_proj"].rank == 8
-    assert module_scaling(adapter.config, "model.layers.1.self_attn.q_proj") == (4, 3 / 2)
+    assert adapter.modules["model.layers.0.mlp.down_proj.weight"].rank == 8
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    assert (config_rank_alpha(adapter.config, q1)[0], module_scaling(adapter.config, q1)) == (
+        4,
+        3 / 2,
+    )
     score = score_adapter(tmp_path / "peft", tiny_model, cache_dir=tmp_path / "cache")
     assert {m.k for m in score.modules} == {4, 8}  # k defaults to each module's rank
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from app.model.identity import weights_digest
 from app.orthogonality import linalg
-from app.orthogonality.subspaces import SubspaceStore, weights_digest
+from app.orthogonality.subspaces import SubspaceStore
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.patches.testing import make_lora_adapter
+from tests.support.lora_adapters import make_lora_adapter
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from app.patches.lora_io import (
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
+from app.lora import (
     LoraAdapter,
     LoraFormatError,
     LoraModule,
@@ -21,7 +22,6 @@ from app.patches.lora_io import (
     split_keys,
     write_lora_adapter,
 )
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE
 from app.patches.stacking import combine_adapters, combined_rank
 
 

@@ -11,15 +11,16 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from app.patches.lora_io import read_lora_adapter
-from app.patches.metadata import CONFIG_FILE, weights_sha256
+from app.constants import CONFIG_FILE
+from app.lora import read_lora_adapter
+from app.patches.metadata import weights_sha256
 from app.patches.stacking import (
     StackingError,
     combine_adapters,
     combined_name,
     combined_rank,
 )
-from app.patches.testing import make_lora_adapter
+from tests.support.lora_adapters import make_lora_adapter
 
 ORDER = ("plain", "rslora", "pattern", "partial")
 # PEFT's "cat" copies the first adapter's config (so rsLoRA must not come first) and fails on

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
 from app.model.identity import model_identity
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, weights_sha256
+from app.patches.metadata import weights_sha256
 from app.patches.validation import (
     AdapterValidationError,
     ValidatedAdapter,

@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
-from tests.api.conftest import NO_SCORING, running_app
+from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings
 from tests.reliability.engine import RecordingEngine
+from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
 

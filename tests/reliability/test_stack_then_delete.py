@@ -9,9 +9,10 @@ from pathlib import Path
 
 from app.engine.types import LoraTarget
 from app.patches.targets import ServingTargets
-from tests.api.conftest import NO_SCORING, assert_error, chat, running_app
+from tests.api.conftest import NO_SCORING, assert_error, chat
 from tests.conftest import ADMIN, make_settings
 from tests.reliability.engine import RecordingEngine
+from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
 
@@ -40,9 +41,8 @@ def test_delete_the_second_patch_of_a_served_stack(tiny_model: Path, store: Path
 
 async def test_concurrent_unload_passes_remove_each_lora_once(tmp_path: Path) -> None:
     """The mechanism itself: retire two LoRAs (each schedules a pass) and await a third pass."""
-    targets = ServingTargets(tmp_path / "stacked", max_rank=32)
     engine = RecordingEngine(yields=3)
-    targets.engine = engine
+    targets = ServingTargets(tmp_path / "stacked", max_rank=32, engine=engine)
     loras = [LoraTarget(f"p{i}", i, tmp_path / f"p{i}") for i in (1, 2)]
     for lora in loras:
         await engine.add_lora(lora)

@@ -32,11 +32,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
 from app.db import open_database
 from app.engine.types import LoraTarget
-from app.errors import APIError, Conflict, NotFound, Unavailable
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE
+from app.errors import Unavailable, api_error
+from app.exceptions import AlreadyExists, DomainError, PatchNotFound
 from app.patches.registry import PatchRegistry
+from app.snapshot import Catalog
 from tests.reliability.engine import RecordingEngine
 
 NAMES = ("p0", "p1", "p2", "p3")
@@ -55,8 +57,13 @@ class RegistryMachine(RuleBasedStateMachine):
         self.store = self.dir / "adapters"
         self.store.mkdir()
         self.database = open_database(f"sqlite:///{self.dir / 'safepatch.db'}")
+        # add_lora never fails here: it stands for vLLM's on-demand load, which a running
+        # request repeats at its next step (only unpin's warm-up reload calls it)
+        self.engine = RecordingEngine(yields=2, fail_ops=("remove", "pin"))
         self.registry = PatchRegistry(
             self.database,
+            engine=self.engine,
+            catalog=Catalog(self.database),
             store_dir=self.store,
             cache_dir=self.dir / "cache",
             model_dir=self.model_dir,
@@ -66,10 +73,6 @@ class RegistryMachine(RuleBasedStateMachine):
         )
         self.targets = self.registry.targets
         self.targets.retry_s = 0.0
-        # add_lora never fails here: it stands for vLLM's on-demand load, which a running
-        # request repeats at its next step (only unpin's warm-up reload calls it)
-        self.engine = RecordingEngine(yields=2, fail_ops=("remove", "pin"))
-        self.targets.engine = self.engine
         self.loop = asyncio.new_event_loop()
         self.escaped: list[dict[str, Any]] = []
         self.loop.set_exception_handler(lambda _loop, context: self.escaped.append(context))
@@ -91,7 +94,7 @@ class RegistryMachine(RuleBasedStateMachine):
             self.registry.register_upload(
                 name, (files / CONFIG_FILE).read_bytes(), (files / WEIGHTS_FILE).read_bytes(), "sm"
             )
-        except Conflict:  # registered, or its deleted files wait for a lease to end
+        except AlreadyExists:  # registered, or its deleted files wait for a lease to end
             assert active or (self.store / name).exists()
             return
         assert not active
@@ -148,9 +151,10 @@ class RegistryMachine(RuleBasedStateMachine):
             error = task.exception()
             if error is None:
                 continue
-            allowed = isinstance(error, APIError) and (
-                error.status_code < 500
-                or (isinstance(error, Unavailable) and self.engine.fail_rate > 0)
+            api = api_error(error) if isinstance(error, DomainError) else None
+            allowed = api is not None and (
+                api.status_code < 500
+                or (isinstance(api, Unavailable) and self.engine.fail_rate > 0)
             )
             assert allowed, f"{type(error).__name__}: {error}"
         assert not self.escaped, self.escaped
@@ -173,7 +177,7 @@ class RegistryMachine(RuleBasedStateMachine):
             assert set(target.name.split("+")) <= active | in_flight, target
         for name in set(NAMES) - active:
             resolving = self.registry.lora_for([name])  # synchronous for a missing patch
-            with pytest.raises(NotFound):
+            with pytest.raises(PatchNotFound):
                 resolving.send(None)
 
     @invariant()

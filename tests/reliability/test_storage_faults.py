@@ -22,10 +22,10 @@ from tests.api.conftest import (
     assert_error,
     chat,
     patch_rows,
-    running_app,
     store_listing,
 )
 from tests.conftest import ADMIN, make_settings, make_store
+from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
 

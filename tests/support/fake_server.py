@@ -13,8 +13,8 @@ import logging
 import sys
 
 from app.config import Settings
-from app.main import create_app
 from app.server import run_server
+from tests.support.apps import build_app
 from tests.support.fake_engine import FakeEngine
 
 logger = logging.getLogger("tests.fake_server")
@@ -29,7 +29,7 @@ class LoggingFakeEngine(FakeEngine):
 def main(argv: list[str]) -> None:
     settings = Settings(**json.loads(argv[1]))
     engine = LoggingFakeEngine(token_delay=float(argv[2]) if len(argv) > 2 else 0.0)
-    run_server(create_app(settings, engine_factory=lambda _s, _m: engine), settings)
+    run_server(build_app(settings, engine)[0], settings)
 
 
 if __name__ == "__main__":

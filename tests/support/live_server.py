@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -78,16 +79,36 @@ def start_server(
         env["SAFEPATCH_MODEL"] = str(model)
     log_path = root / "server.log"
     command = [str(Path(sys.executable).parent / "safepatch"), "serve"]
-    process = subprocess.Popen(
+    process = spawn(command, env, log_path)
+    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    wait_ready(process, f"{server.base_url}/ready", log_path, timeout, stop=server.stop)
+    return server
+
+
+def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start `command` in its own session (so a stop can signal its whole group), its output
+    (stdout and stderr) going to `log_path`."""
+    return subprocess.Popen(
         command,
         env=env,
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
-    wait_ready(process, f"{server.base_url}/ready", log_path, timeout, stop=server.stop)
-    return server
+
+
+def chat(http: Any, key: str, model: str, prompt: str, max_tokens: int, **extra: Any) -> Any:
+    """A greedy chat completion through `http` (an httpx client, sync or async: for an async
+    one, await the result); `headers` in `extra` are sent beside the key."""
+    headers = {"Authorization": f"Bearer {key}", **(extra.pop("headers", None) or {})}
+    body = {
+        "model": model,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+        **extra,
+    }
+    return http.post("/v1/chat/completions", headers=headers, json=body)
 
 
 def wait_ready(

@@ -22,7 +22,7 @@ def load_model(model_dir: Path, adapters: Sequence[Path] = ()) -> torch.nn.Modul
     """The base model with each adapter's ΔW = s·B·A merged into its weights (fp32)."""
     from transformers import AutoModelForCausalLM
 
-    from app.patches.lora_io import read_lora_adapter
+    from app.lora import read_lora_adapter
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     weights = dict(model.named_parameters())

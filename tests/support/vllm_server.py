@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.engine.args import serve_argv
-from tests.support.live_server import free_port, wait_ready
+from tests.support.live_server import free_port, spawn, wait_ready
 
 
 @dataclass
@@ -42,12 +42,10 @@ def start_vllm_server(
     command: list[str], log_path: Path, timeout: float = 600, **env: str
 ) -> VllmServer:
     port = free_port()
-    process = subprocess.Popen(
+    process = spawn(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env},
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env},
+        log_path,
     )
     server = VllmServer(process, f"http://127.0.0.1:{port}", log_path)
     wait_ready(process, f"{server.base_url}/health", log_path, timeout, stop=server.stop)

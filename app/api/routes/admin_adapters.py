@@ -11,21 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from app.api.deps import Admin, State
+from app.constants import CONFIG_FILE, METADATA_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from app.errors import BadRequest, Conflict
 from app.patches.gate import GateSpec
-from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
-from app.patches.scores import schedule_scoring
 from app.patches.storage import storage_error
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"])
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 @contextmanager
@@ -73,7 +71,7 @@ async def _read_upload(request: Request, state: State, actor: str):
         if isinstance(value, str):
             continue
         filename = (value.filename or key).rsplit("/", 1)[-1]
-        if filename.endswith(PICKLE_SUFFIXES):
+        if PurePosixPath(filename).suffix.lower() in PICKLE_SUFFIXES:
             raise BadRequest(
                 f"'{filename}': pickled weights are refused; upload safetensors",
                 param=key,
@@ -148,7 +146,7 @@ async def register_adapter(request: Request, state: State, actor: Admin) -> dict
                 state.registry.register_path, body.name, body.path, actor
             )
     state.metrics.adapter_events.labels("registered").inc()
-    schedule_scoring(state, record.name)
+    state.scorer.schedule(record.name)
     return _detail(state, record.name)
 
 

@@ -10,7 +10,6 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import Admin, State
 from app.errors import APIError
-from app.patches.scores import compute_score
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -19,7 +18,7 @@ KQuery = Query(None, ge=1, le=4096, description="top-k base subspace; default: a
 
 async def _score(state: State, name: str, k: int | None) -> Any:
     try:
-        return await compute_score(state, name, k)
+        return await state.scorer.compute(name, k)
     except ValueError as exc:  # k larger than a module allows, and the like
         raise APIError(str(exc), param="k", code="invalid_parameter", status_code=422) from None
 
@@ -52,7 +51,7 @@ async def adapter_orthogonality_plot(
 
 @router.get("/orthogonality")
 async def all_orthogonality(state: State, _: Admin) -> dict[str, Any]:
-    from app.orthogonality.scoring import interference
+    from app.orthogonality.interference import interference
 
     records = state.registry.list()
     rows = []

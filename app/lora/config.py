@@ -1,5 +1,8 @@
 """PEFT LoRA `adapter_config.json`: parsing, refused features, per-module rank / alpha / scaling.
 
+The one place that reads a LoRA config: serving, validation, stacking and scoring all use it.
+A missing `lora_alpha` is 8 (PEFT's `LoraConfig` default), a missing `r` is refused.
+
 For each module PEFT takes r and α from the first `rank_pattern` / `alpha_pattern` key that matches
 the module path (regex ``(.*\\.)?(key)$``), else from `r` / `lora_alpha`; the scaling is
 s = α / r, or s = α / √r with rsLoRA (`use_rslora`).
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from app.patches.metadata import CONFIG_FILE
+from app.constants import CONFIG_FILE
 
 _QUANTIFIERS = re.compile(r"(?<!\\)[*+?{]")  # an unescaped regex quantifier
 # `init_lora_weights` values whose adapters only work on a base that PEFT modified in place.

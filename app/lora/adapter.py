@@ -1,4 +1,6 @@
-"""Read and write PEFT LoRA adapters (safetensors only) as per-module (A, B, s) triples.
+"""The one LoRA-format module: read, validate, scale and write PEFT LoRA adapters (safetensors
+only) as per-module (A, B, s) triples. Serving, validation, stacking, training and scoring all
+go through it, like peft's single `get_delta_weight`.
 
 For a targeted linear module with base weight W of shape (d_out × d_in), PEFT's LoRA computes
 
@@ -6,7 +8,9 @@ For a targeted linear module with base weight W of shape (d_out × d_in), PEFT's
 
 with A: (r × d_in), B: (d_out × r) and s = α / r, or s = α / √r with rsLoRA (`use_rslora`). For each
 module, r and α come from the first `rank_pattern` / `alpha_pattern` key that matches the module
-path (PEFT's rule: regex ``(.*\\.)?(key)$``), else from the config's `r` / `lora_alpha`.
+path (PEFT's rule: regex ``(.*\\.)?(key)$``), else from the config's `r` / `lora_alpha`
+(app.lora.config). Factors keep their stored dtype; ΔW and everything derived from it (stacks,
+SVDs) is computed in fp32 or wider first.
 
 Modules are keyed by their base weight name (``model.layers.0.self_attn.q_proj.weight``); PEFT
 stores their factors as ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``.
@@ -25,36 +29,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.patches.lora_config import (
-    LoraFormatError,
-    config_rank_alpha,
-    module_path,
-    module_scaling,
-    read_config,
-    unsupported_features,
-)
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE
-
-__all__ = [
-    "HeaderInfo",
-    "LoraAdapter",
-    "LoraFormatError",
-    "LoraModule",
-    "adapter_rank",
-    "check_structure",
-    "leaf_names",
-    "read_config",
-    "read_header",
-    "read_lora_adapter",
-    "split_keys",
-    "unsupported_features",
-    "write_lora_adapter",
-]
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
+from app.lora import config as peft_config
+from app.lora.config import LoraFormatError, module_path
 
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_ADAPTER_NAMED = re.compile(r"(\.lora_[AB])\.[^.]+\.weight$")  # '….lora_A.default.weight'
+_EMBEDDING = re.compile(r"\.lora_embedding_[AB]")
 
 
 @dataclass(frozen=True)
@@ -80,6 +64,8 @@ class LoraAdapter:
 
     modules: dict[str, LoraModule]
     config: dict[str, Any] = field(default_factory=dict)
+    # lenient reads only: what was left out, as {"module", "reason"} rows
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -97,17 +83,23 @@ def leaf_names(weight_names: Iterable[str]) -> list[str]:
     return sorted({module_path(name).rsplit(".", 1)[-1] for name in weight_names})
 
 
-def split_keys(keys: Iterable[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+def split_keys(
+    keys: Iterable[str], *, lenient: bool = False
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Group PEFT tensor keys by module: ({weight name: (A key, B key)}, unexpected keys).
 
     A key is unexpected unless it is ``base_model.model.<path>.lora_{A,B}.weight`` and its partner
-    factor is present too."""
+    factor is present too. `lenient` also takes keys that name the adapter
+    (``….lora_A.default.weight``, as some exports write them) and keys without the prefix."""
     halves: dict[str, dict[str, str]] = {}
     unexpected: list[str] = []
     for key in keys:
         body = key.removeprefix(PEFT_PREFIX)
+        prefixed = body != key
+        if lenient:
+            body, prefixed = _ADAPTER_NAMED.sub(r"\1.weight", body), True
         suffix = next((s for s in (A_SUFFIX, B_SUFFIX) if body.endswith(s)), None)
-        if suffix is None or body in (key, suffix):
+        if suffix is None or not prefixed or body == suffix:
             unexpected.append(key)
             continue
         halves.setdefault(body.removesuffix(suffix) + ".weight", {})[suffix] = key
@@ -130,8 +122,9 @@ class HeaderInfo:
     unexpected: list[str]
 
 
-def read_header(adapter_dir: Path) -> HeaderInfo:
-    """Read tensor names, shapes and dtypes from the safetensors header only (no tensor data)."""
+def read_header(adapter_dir: Path, *, lenient: bool = False) -> HeaderInfo:
+    """Read tensor names, shapes and dtypes from the safetensors header only (no tensor data).
+    `lenient` (see `split_keys`) keeps only the LoRA factors' dtypes."""
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():
         raise LoraFormatError(f"{WEIGHTS_FILE} is missing", "missing_file", WEIGHTS_FILE)
@@ -147,8 +140,10 @@ def read_header(adapter_dir: Path) -> HeaderInfo:
             "invalid_weights",
             WEIGHTS_FILE,
         ) from exc
-    keys, unexpected = split_keys(meta)
+    keys, unexpected = split_keys(meta, lenient=lenient)
     shapes = {name: (meta[a][0], meta[b][0]) for name, (a, b) in keys.items()}
+    if lenient:
+        meta = {k: meta[k] for pair in keys.values() for k in pair}
     return HeaderInfo(shapes, keys, {k: v[1] for k, v in meta.items()}, unexpected)
 
 
@@ -175,7 +170,7 @@ def check_structure(config: Mapping[str, Any], header: HeaderInfo) -> None:
                 "shape_mismatch",
                 name,
             )
-        expected_r, _ = config_rank_alpha(config, name)
+        expected_r, _ = peft_config.config_rank_alpha(config, name)
         if a_shape[0] != expected_r:
             raise LoraFormatError(
                 f"{name}: rank {a_shape[0]} but the config says r={expected_r}",
@@ -187,30 +182,54 @@ def check_structure(config: Mapping[str, Any], header: HeaderInfo) -> None:
 def read_checked(adapter_dir: Path) -> tuple[dict[str, Any], HeaderInfo]:
     """Config and safetensors header of a plain LoRA, checked against each other (no tensors
     loaded). Raises LoraFormatError."""
-    config = read_config(adapter_dir)
-    problems = unsupported_features(config)
-    if problems:
-        raise LoraFormatError(
-            "unsupported LoRA features: " + "; ".join(problems), "unsupported_feature"
-        )
-    header = read_header(adapter_dir)
-    check_structure(config, header)
+    config, header, _ = _read_checked(adapter_dir, lenient=False)
     return config, header
 
 
-def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
+def _read_checked(
+    adapter_dir: Path, *, lenient: bool
+) -> tuple[dict[str, Any], HeaderInfo, list[dict[str, str]]]:
+    """`read_checked`; `lenient` reads what it can instead (features beyond ΔW = s·B·A and
+    keys that are not linear LoRA factors are left out and listed as skipped)."""
+    config = peft_config.read_config(adapter_dir)
+    problems = peft_config.unsupported_features(config)
+    skipped: list[dict[str, str]] = []
+    if problems and not lenient:
+        raise LoraFormatError(
+            "unsupported LoRA features: " + "; ".join(problems), "unsupported_feature"
+        )
+    skipped += [
+        {"module": "*", "reason": f"{p} is ignored: only the update s·B·A is read"}
+        for p in problems
+    ]
+    header = read_header(adapter_dir, lenient=lenient)
+    if lenient:
+        skipped += [
+            {"module": key, "reason": "embedding LoRA is not read"}
+            for key in header.unexpected
+            if _EMBEDDING.search(key)
+        ]
+        header = HeaderInfo(header.shapes, header.keys, header.dtypes, [])
+    check_structure(config, header)
+    return config, header, skipped
+
+
+def read_lora_adapter(adapter_dir: Path, *, lenient: bool = False) -> LoraAdapter:
     """Load an adapter as {base weight name: LoraModule(A, B, s)}; tensors keep their dtype.
 
     Raises LoraFormatError for a non-LoRA config, features listed by `unsupported_features`,
-    stray keys or inconsistent shapes."""
-    config, header = read_checked(adapter_dir)
+    stray keys or inconsistent shapes. `lenient` (for analysis, e.g. orthogonality scores of
+    any PEFT export) leaves out unsupported features and stray keys and lists them in
+    `skipped`; a missing file, a bad config or inconsistent shapes still raise."""
+    adapter_dir = Path(adapter_dir)
+    config, header, skipped = _read_checked(adapter_dir, lenient=lenient)
     modules: dict[str, LoraModule] = {}
     with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as fh:
         for name, (a_key, b_key) in header.keys.items():
             a = fh.get_tensor(a_key)  # (r, d_in)
             b = fh.get_tensor(b_key)  # (d_out, r)
-            modules[name] = LoraModule(a, b, module_scaling(config, name))
-    return LoraAdapter(modules, config)
+            modules[name] = LoraModule(a, b, peft_config.module_scaling(config, name))
+    return LoraAdapter(modules, config, skipped)
 
 
 def adapter_rank(adapter_dir: Path) -> int:
