@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.lora_adapters import make_lora_adapter
 
+# name -> make_lora_adapter options (seeds 1, 2, ... in this order)
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "plain": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora": dict(r=2, alpha=6, target_modules=["v_proj", "o_proj", "down_proj"], use_rslora=True),
+    "pattern": dict(
+        r=3,
+        alpha=5,
+        target_modules=["q_proj", "gate_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 1},
+        alpha_pattern={"gate_proj": 2},
+    ),
+    "partial": dict(r=2, alpha=3, target_modules=["k_proj", "up_proj"], layers_to_transform=[1]),
+}
+
 
 @pytest.fixture(scope="session")
 def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three adapters that differ in rank, alpha, rsLoRA, patterns and target sets:
+    """Four adapters that differ in rank, alpha, rsLoRA, patterns and target sets:
 
     plain:   r=4, α=8, q_proj+v_proj, all layers                  (s = 2)
     rslora:  r=2, α=6, rsLoRA, v_proj+o_proj+down_proj            (s = 6/√2)
@@ -22,37 +37,8 @@ def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "plain": make_lora_adapter(
-            tiny_model, root / "plain", r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=1
-        ),
-        "rslora": make_lora_adapter(
-            tiny_model,
-            root / "rslora",
-            r=2,
-            alpha=6,
-            target_modules=["v_proj", "o_proj", "down_proj"],
-            use_rslora=True,
-            seed=2,
-        ),
-        "pattern": make_lora_adapter(
-            tiny_model,
-            root / "pattern",
-            r=3,
-            alpha=5,
-            target_modules=["q_proj", "gate_proj"],
-            seed=3,
-            rank_pattern={"layers.1.self_attn.q_proj": 1},
-            alpha_pattern={"gate_proj": 2},
-        ),
-        "partial": make_lora_adapter(
-            tiny_model,
-            root / "partial",
-            r=2,
-            alpha=3,
-            target_modules=["k_proj", "up_proj"],
-            seed=4,
-            layers_to_transform=[1],
-        ),
+        name: make_lora_adapter(tiny_model, root / name, seed=seed, **options)
+        for seed, (name, options) in enumerate(ADAPTERS.items(), start=1)
     }
 
 
