@@ -203,3 +203,26 @@ def test_interference_between_patches(base_weights, tmp_path):
     assert indep["shared_modules"] == 2 and len(indep["modules"]) == 2
     assert indep["phi_right"] < 0.5 and indep["phi_baseline_right"] == pytest.approx(R / 64)
     assert not math.isnan(indep["phi"])
+
+
+def test_scoring_reads_leniently_where_serving_refuses(tiny_model, base_weights, tmp_path):
+    """One reader (app.lora): a DoRA export with adapter-named keys is refused for serving but
+    scored on its s·B·A, with what was left out listed as skipped."""
+    from safetensors.torch import load_file, save_file
+
+    from app.lora import LoraFormatError, read_lora_adapter
+
+    factors = random_factors(base_weights, R, 3, layers=(0,))
+    adapter = write_lora(tmp_path / "a", factors, r=R, lora_alpha=8, use_dora=True)
+    tensors = {
+        k.replace(".weight", ".default.weight"): v
+        for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()
+    }
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(R, 512)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(LoraFormatError):
+        read_lora_adapter(adapter)
+    score = score_adapter(adapter, tiny_model, cache_dir=tmp_path / "cache")
+    assert len(score.modules) == len(factors)
+    reasons = " ".join(s["reason"] for s in score.skipped)
+    assert "DoRA" in reasons and "embedding" in reasons
