@@ -1,4 +1,6 @@
-"""Helpers for the HTTP-layer tests: the real app (registry, tenants, SQLite) over FakeEngine.
+"""Fixtures for the HTTP-layer tests: the real app (registry, tenants, SQLite) over FakeEngine.
+The helpers these tests share live in tests.support.api_client (imported here for older
+imports from this module).
 
 Modules that use `NO_SCORING` build apps whose background orthogonality scoring is a recorder
 (tests.support.apps.RecordingScorer).
@@ -7,21 +9,28 @@ Modules that use `NO_SCORING` build apps whose background orthogonality scoring 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from tests.conftest import ADMIN, DATABASE_KINDS, settings_on_postgres
+from tests.conftest import DATABASE_KINDS, settings_on_postgres
+from tests.support.api_client import (  # noqa: F401 - re-exported
+    BASE,
+    ERROR_FIELDS,
+    adapter_names,
+    add_tenant,
+    applied,
+    assert_error,
+    bearer,
+    chat,
+    model_ids,
+    patch_rows,
+    served_lora,
+    store_listing,
+)
 from tests.support.apps import recording_scores, running_app
 from tests.support.fake_engine import FakeEngine
-
-BASE = "tiny"  # the served name of the tiny model (its directory name)
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -58,89 +67,3 @@ def api_database(request: pytest.FixtureRequest) -> Iterator[str]:
 def api(scoring_calls: list[str], settings: Settings) -> Iterator[tuple[TestClient, FakeEngine]]:
     with running_app(settings) as pair:
         yield pair
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def add_tenant(client: TestClient, tenant_id: str, **policy: Any) -> dict[str, str]:
-    """Create a tenant with `policy` and one key; returns its auth headers."""
-    created = client.post("/admin/tenants", headers=ADMIN, json={"id": tenant_id, "policy": policy})
-    assert created.status_code == 201, created.text
-    key = client.post(f"/admin/tenants/{tenant_id}/keys", headers=ADMIN)
-    assert key.status_code == 201, key.text
-    return bearer(key.json()["key"])
-
-
-def chat(
-    client: TestClient,
-    headers: dict[str, str] | None = None,
-    model: str = BASE,
-    max_tokens: int = 2,
-    **extra: Any,
-) -> httpx.Response:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hello"}],
-        "max_tokens": max_tokens,
-        **extra,
-    }
-    return client.post("/v1/chat/completions", json=body, headers=headers or {})
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The OpenAI error shape with the expected status (and code); returns the error object."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == ERROR_FIELDS, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
-def served_lora(engine: FakeEngine) -> str | None:
-    """Name of the LoRA that served the engine's last request (None: the bare base)."""
-    lora = engine.calls[-1][1]
-    return lora.name if lora else None
-
-
-def applied(response: httpx.Response) -> list[str]:
-    """The applied set as the response reports it; the header and the body must agree."""
-    header = response.headers["X-SafePatch-Applied"]
-    from_header = header.split(",") if header else []
-    assert response.json()["safepatch"]["applied_patches"] == from_header
-    return from_header
-
-
-def store_listing(store: Path) -> list[tuple[str, int]]:
-    """Every path under the store (directories too) with its size."""
-    return sorted(
-        (p.relative_to(store).as_posix(), p.stat().st_size if p.is_file() else -1)
-        for p in store.rglob("*")
-    )
-
-
-def patch_rows(client: TestClient) -> list[tuple]:
-    """The registry's rows, straight from the database."""
-    from app import db
-
-    database = client.app.state.safepatch.database
-    with database.connect() as conn:
-        return [tuple(r) for r in conn.execute(sa.select(db.patches).order_by(db.patches.c.name))]
-
-
-def adapter_names(client: TestClient) -> list[str]:
-    response = client.get("/admin/adapters", headers=ADMIN)
-    assert response.status_code == 200, response.text
-    return [a["name"] for a in response.json()["data"]]
-
-
-def model_ids(client: TestClient, headers: dict[str, str] | None = None) -> list[str]:
-    response = client.get("/v1/models", headers=headers or {})
-    assert response.status_code == 200, response.text
-    return [m["id"] for m in response.json()["data"]]

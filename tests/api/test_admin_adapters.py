@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
-from tests.api.conftest import (
-    NO_SCORING,
+from tests.api.conftest import NO_SCORING
+from tests.conftest import ADMIN, make_settings, make_store, register_path
+from tests.support.api_client import (
     adapter_names,
     assert_error,
     chat,
@@ -28,7 +29,6 @@ from tests.api.conftest import (
     served_lora,
     store_listing,
 )
-from tests.conftest import ADMIN, make_settings, make_store, register_path
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 from tests.support.lora_adapters import make_lora_adapter

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import BASE
 from tests.conftest import ADMIN_TOKEN
+from tests.support.api_client import BASE
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = 60

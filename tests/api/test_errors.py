@@ -11,8 +11,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat
+from tests.api.conftest import NO_SCORING
 from tests.conftest import make_settings, make_store
+from tests.support.api_client import BASE, add_tenant, assert_error, chat
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 

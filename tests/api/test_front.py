@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from app.config import Settings
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, chat
+from tests.api.conftest import NO_SCORING
 from tests.conftest import make_settings
+from tests.support.api_client import BASE, add_tenant, chat
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 

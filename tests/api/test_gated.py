@@ -10,8 +10,9 @@ import json
 import pytest
 
 from app.config import Settings
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat
+from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN
+from tests.support.api_client import BASE, add_tenant, assert_error, chat
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 

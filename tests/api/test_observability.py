@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.observability.logging import JsonFormatter
 from app.observability.metrics import Metrics
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat
+from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, register_path
+from tests.support.api_client import BASE, add_tenant, assert_error, chat
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 

@@ -12,9 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from tests.api.conftest import (
+from tests.api.conftest import NO_SCORING
+from tests.conftest import ADMIN, make_settings, make_store, register_path
+from tests.support.api_client import (
     BASE,
-    NO_SCORING,
     add_tenant,
     applied,
     assert_error,
@@ -23,7 +24,6 @@ from tests.api.conftest import (
     model_ids,
     served_lora,
 )
-from tests.conftest import ADMIN, make_settings, make_store, register_path
 from tests.support.apps import build_app, running_app
 from tests.support.fake_engine import FakeEngine
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import add_tenant, assert_error, chat, served_lora
 from tests.conftest import ADMIN, make_store
 from tests.db.postgres import PostgresServer
 from tests.db.replicas import STALENESS_BOUND_S, fake_replicas, within
+from tests.support.api_client import add_tenant, assert_error, chat, served_lora
 from tests.support.apps import recording_scores
 
 # the poll that notices: one interval plus a refused connection (the server is local)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import add_tenant, assert_error, chat, served_lora
 from tests.conftest import ADMIN, make_store
 from tests.db.replicas import STALENESS_BOUND_S, adapter_files, fake_replicas, upload, within
+from tests.support.api_client import add_tenant, assert_error, chat, served_lora
 from tests.support.apps import recording_scores
 from tests.support.fake_engine import FakeEngine
 

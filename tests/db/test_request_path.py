@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import add_tenant, chat
 from tests.conftest import ADMIN, make_settings, make_store
 from tests.db.replicas import adapter_files, upload
+from tests.support.api_client import add_tenant, chat
 from tests.support.apps import recording_scores, running_app
 from tests.support.fake_engine import FakeEngine
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.api.conftest import ERROR_FIELDS
+from tests.support.api_client import ERROR_FIELDS
 
 pytestmark = pytest.mark.slow
 

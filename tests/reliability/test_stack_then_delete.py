@@ -9,9 +9,10 @@ from pathlib import Path
 
 from app.engine.types import LoraTarget
 from app.patches.targets import ServingTargets
-from tests.api.conftest import NO_SCORING, assert_error, chat
+from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings
 from tests.reliability.engine import RecordingEngine
+from tests.support.api_client import assert_error, chat
 from tests.support.apps import running_app
 
 pytestmark = NO_SCORING

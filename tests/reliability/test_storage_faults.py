@@ -16,15 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import app.patches.targets as targets_module
-from tests.api.conftest import (
-    NO_SCORING,
-    adapter_names,
-    assert_error,
-    chat,
-    patch_rows,
-    store_listing,
-)
+from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings, make_store
+from tests.support.api_client import adapter_names, assert_error, chat, patch_rows, store_listing
 from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
