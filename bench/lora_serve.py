@@ -29,14 +29,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from app.config import REPO_ROOT
 from bench.lora_roof import gemm_gflops, model_gflop_per_token
+from tests.support.live_server import free_port, spawn, wait_ready
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PATCHES = ("refusal-general", "cyber")
@@ -62,14 +60,6 @@ def default_model_dir() -> Path:
     from app.model.default_model import resolve_model_dir
 
     return resolve_model_dir(Settings())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_command(server: str, model_dir: Path, adapters: Path, port: int) -> list[str]:
@@ -134,32 +124,18 @@ def start(
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> tuple[Any, str]:
-    port = _free_port()
-    log = (workdir / f"{server}.log").open("w")
-    process = subprocess.Popen(
+    port = free_port()
+    log_path = workdir / f"{server}.log"
+    process = spawn(
         server_command(server, model_dir, adapters, port) + (extra_args or []),
-        env=server_env(server, model_dir, adapters, workdir) | (extra_env or {}),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        server_env(server, model_dir, adapters, workdir) | (extra_env or {}),
+        log_path,
     )
     base_url = f"http://127.0.0.1:{port}"
     # safepatch answers /v1/models before its engine is up; /ready waits for the engine.
     ready_url = f"{base_url}/ready" if server == "safepatch" else f"{base_url}/v1/models"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{server} exited:\n{(workdir / f'{server}.log').read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return process, base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop(process)
-    raise RuntimeError(f"{server} not ready in 600 s")
+    wait_ready(process, ready_url, log_path, 600, stop=lambda: stop(process))
+    return process, base_url
 
 
 def stop(process: subprocess.Popen) -> None:
