@@ -24,100 +24,27 @@ import math
 import os
 import platform
 import statistics
-import struct
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from app.orthogonality import linalg, subspaces
 from app.orthogonality.adapter import load_adapter
 from app.orthogonality.scoring import score_adapter
-from app.orthogonality.subspaces import Subspace, SubspaceStore
+from app.orthogonality.subspaces import SubspaceStore
+from bench.llama3_virtual import (
+    SHAPES,
+    K,
+    R,
+    fill_cache,
+    synthetic_weight,
+    write_adapter,
+    write_virtual_model,
+)
 
-LAYERS, R, K = 32, 16, 16
-SHAPES = {  # kind: (d_out, d_in)
-    "q_proj": (4096, 4096),
-    "k_proj": (1024, 4096),
-    "v_proj": (1024, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096),
-    "up_proj": (14336, 4096),
-    "down_proj": (4096, 14336),
-}
 RESULTS = Path(__file__).resolve().parent / "results" / "orthogonality.json"
-
-
-def weight_name(layer: int, kind: str) -> str:
-    block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"model.layers.{layer}.{block}.{kind}.weight"
-
-
-def write_virtual_model(path: Path) -> Path:
-    """config.json + a sparse bf16 safetensors file: real header, unwritten (zero) data."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": LAYERS,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 128256,
-                "torch_dtype": "bfloat16",
-            }
-        )
-    )
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for layer in range(LAYERS):
-        for kind, (d_out, d_in) in SHAPES.items():
-            size = d_out * d_in * 2
-            header[weight_name(layer, kind)] = {
-                "dtype": "BF16",
-                "shape": [d_out, d_in],
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with (path / "model.safetensors").open("wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob)
-        fh.truncate(8 + len(blob) + offset)
-    return path
-
-
-def fill_cache(store: SubspaceStore, gen: torch.Generator) -> None:
-    """Random orthonormal V₀ (d_in × K) and U₀ (d_out × K) per weight: precomputed subspaces."""
-    for layer in range(LAYERS):
-        for kind, (d_out, d_in) in SHAPES.items():
-            U = torch.linalg.qr(torch.randn(d_out, K, generator=gen))[0]  # [d_out, K]
-            V = torch.linalg.qr(torch.randn(d_in, K, generator=gen))[0]  # [d_in, K]
-            S = torch.sort(torch.rand(K, generator=gen) + 1, descending=True).values  # [K]
-            store.put(
-                Subspace(weight_name(layer, kind), U, S, V, "synthetic", 0.0),
-                {"method": "synthetic", "residual": "0.0"},
-            )
-
-
-def write_adapter(path: Path, gen: torch.Generator) -> Path:
-    path.mkdir(parents=True)
-    tensors = {}
-    for layer in range(LAYERS):
-        for kind, (d_out, d_in) in SHAPES.items():
-            key = "base_model.model." + weight_name(layer, kind).removesuffix(".weight")
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(R, d_in, generator=gen) / 64).bfloat16()
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, R, generator=gen) / 64).bfloat16()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": 32, "target_modules": list(SHAPES)})
-    )
-    return path
 
 
 def bench_scoring(work: Path, repeats: int) -> dict[str, object]:
@@ -159,16 +86,6 @@ def bench_scoring(work: Path, repeats: int) -> dict[str, object]:
         "baseline": summary["baseline"],
         "goal_s": 1.0,
     }
-
-
-def synthetic_weight(
-    d_out: int, d_in: int, gen: torch.Generator, spikes: int = 64, sigma: float = 0.02
-) -> torch.Tensor:
-    X = torch.linalg.qr(torch.randn(d_out, spikes, generator=gen))[0]  # [d_out, spikes]
-    Y = torch.linalg.qr(torch.randn(d_in, spikes, generator=gen))[0]  # [d_in, spikes]
-    edge = sigma * (math.sqrt(d_out) + math.sqrt(d_in))  # bulk edge of the noise
-    s = edge * (1 + 3 * torch.arange(1, spikes + 1, dtype=torch.float32) ** -0.6)  # [spikes]
-    return (X * s) @ Y.T + sigma * torch.randn(d_out, d_in, generator=gen)  # [d_out, d_in]
 
 
 def accuracy(
