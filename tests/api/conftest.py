@@ -9,12 +9,13 @@ Modules that use `NO_SCORING` build apps whose background orthogonality scoring 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from tests.conftest import DATABASE_KINDS, settings_on_postgres
+from tests.conftest import DATABASE_KINDS, make_settings, make_store, settings_on_postgres
 from tests.support.api_client import (  # noqa: F401 - re-exported
     BASE,
     ERROR_FIELDS,
@@ -44,7 +45,7 @@ def scoring_calls(api_database: str) -> Iterator[list[str]]:
 NO_SCORING = pytest.mark.usefixtures("scoring_calls")
 
 # The database-facing API modules: each runs once on SQLite and once on PostgreSQL.
-DATABASE_MODULES = ("test_tenants", "test_admin_adapters")
+DATABASE_MODULES = ("test_tenants", "test_tenant_policy", "test_admin_adapters")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -66,4 +67,22 @@ def api_database(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def api(scoring_calls: list[str], settings: Settings) -> Iterator[tuple[TestClient, FakeEngine]]:
     with running_app(settings) as pair:
+        yield pair
+
+
+TENANT_PATCHES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def shared(
+    scoring_calls: list[str],
+    tiny_model: Path,
+    patch_library: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[TestClient, FakeEngine]]:
+    """One app for the tests that only add tenants (each its own, under a fresh id) and never
+    change the registry."""
+    root = tmp_path_factory.mktemp("tenants")
+    make_store(patch_library, root / "adapters", names=TENANT_PATCHES)
+    with running_app(make_settings(tiny_model, root)) as pair:
         yield pair

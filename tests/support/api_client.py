@@ -3,6 +3,7 @@ OpenAI error shape, what was applied and served, the registry as the API and dat
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,41 @@ def model_ids(client: TestClient, headers: dict[str, str] | None = None) -> list
     response = client.get("/v1/models", headers=headers or {})
     assert response.status_code == 200, response.text
     return [m["id"] for m in response.json()["data"]]
+
+
+_ids = itertools.count()
+
+
+def new_tenant(client: TestClient, **policy) -> tuple[str, dict[str, str]]:
+    """A tenant under a fresh id with `policy` and one key: (id, auth headers)."""
+    tenant_id = f"t{next(_ids)}"
+    return tenant_id, add_tenant(client, tenant_id, **policy)
+
+
+def ensure_acme(client: TestClient) -> None:
+    """A tenant with a fixed id, for paths in parametrize lists."""
+    if client.get("/admin/tenants/acme", headers=ADMIN).status_code == 404:
+        add_tenant(client, "acme", allow_base=True)
+
+
+def audit(client: TestClient) -> list[dict]:
+    response = client.get("/admin/audit", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def served_ok(
+    client: TestClient, engine: FakeEngine, headers: dict[str, str], **request
+) -> list[str]:
+    """Send a chat request; check that the applied set reported (header and body) is what the
+    engine served, and return it."""
+    response = chat(client, headers, **request)
+    assert response.status_code == 200, response.text
+    patches = applied(response)
+    assert patches == sorted(patches)
+    expected_lora = "+".join(patches) or None
+    if not response.json()["safepatch"]["gates"]:  # else the probe may have been last
+        assert served_lora(engine) == expected_lora
+    tag = expected_lora or "base"  # the fake engine's answers name the LoRA
+    assert response.json()["choices"][0]["message"]["content"] == f"{tag}:0 {tag}:1 "
+    return patches
