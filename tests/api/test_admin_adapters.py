@@ -21,6 +21,7 @@ from app.config import Settings
 from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings, make_store, register_path
 from tests.support.api_client import (
+    adapter_files,
     adapter_names,
     assert_error,
     chat,
@@ -28,6 +29,7 @@ from tests.support.api_client import (
     patch_rows,
     served_lora,
     store_listing,
+    upload,
 )
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
@@ -118,16 +120,6 @@ class Unchanged:
         assert files == self.before[0], "the store directory changed"
         assert rows == self.before[1], "the registry database changed"
         assert names == self.before[2], "/admin/adapters changed"
-
-
-def upload(client: TestClient, name: str | None, files: dict[str, bytes]) -> httpx.Response:
-    data = {"name": name} if name is not None else {}
-    parts = {f"file{i}": (filename, content) for i, (filename, content) in enumerate(files.items())}
-    return client.post("/admin/adapters", headers=ADMIN, data=data, files=parts)
-
-
-def adapter_files(adapter: Path) -> dict[str, bytes]:
-    return {CONFIG: (adapter / CONFIG).read_bytes(), WEIGHTS: (adapter / WEIGHTS).read_bytes()}
 
 
 @pytest.mark.parametrize(("adapter", "status", "code"), FAILURES)

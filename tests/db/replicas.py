@@ -7,11 +7,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import httpx
 from fastapi.testclient import TestClient
 
-from app.constants import CONFIG_FILE, WEIGHTS_FILE
-from tests.conftest import ADMIN, make_settings
+from tests.conftest import make_settings
 from tests.support.apps import running_app
 from tests.support.fake_engine import FakeEngine
 
@@ -32,18 +30,6 @@ def within(bound_s: float, check: Callable[[], bool], poll_s: float = 0.02) -> f
             return began
         assert began < bound_s, f"not in force {began:.2f} s after (bound {bound_s} s)"
         time.sleep(poll_s)
-
-
-def adapter_files(adapter: Path) -> dict[str, bytes]:
-    return {
-        CONFIG_FILE: (adapter / CONFIG_FILE).read_bytes(),
-        WEIGHTS_FILE: (adapter / WEIGHTS_FILE).read_bytes(),
-    }
-
-
-def upload(http: TestClient | httpx.Client, name: str, files: dict[str, bytes]) -> httpx.Response:
-    parts = {f"file{i}": (filename, content) for i, (filename, content) in enumerate(files.items())}
-    return http.post("/admin/adapters", headers=ADMIN, data={"name": name}, files=parts)
 
 
 @contextmanager

@@ -13,8 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN, make_store
-from tests.db.replicas import STALENESS_BOUND_S, adapter_files, fake_replicas, upload, within
-from tests.support.api_client import add_tenant, assert_error, chat, served_lora
+from tests.db.replicas import STALENESS_BOUND_S, fake_replicas, within
+from tests.support.api_client import (
+    adapter_files,
+    add_tenant,
+    assert_error,
+    chat,
+    served_lora,
+    upload,
+)
 from tests.support.apps import recording_scores
 from tests.support.fake_engine import FakeEngine
 

@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import ADMIN, make_store
 from tests.db.conftest import private_cluster
 from tests.db.postgres import PostgresServer
-from tests.db.replicas import STALENESS_BOUND_S, adapter_files, upload, within
+from tests.db.replicas import STALENESS_BOUND_S, within
+from tests.support.api_client import adapter_files, upload
 from tests.support.live_server import LiveServer, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("postgres_server")]

@@ -15,8 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN, make_settings, make_store
-from tests.db.replicas import adapter_files, upload
-from tests.support.api_client import add_tenant, chat
+from tests.support.api_client import adapter_files, add_tenant, chat, upload
 from tests.support.apps import recording_scores, running_app
 from tests.support.fake_engine import FakeEngine
 

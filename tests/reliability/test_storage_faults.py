@@ -11,28 +11,27 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 import app.patches.targets as targets_module
 from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings, make_store
-from tests.support.api_client import adapter_names, assert_error, chat, patch_rows, store_listing
+from tests.support.api_client import (
+    adapter_files,
+    adapter_names,
+    assert_error,
+    chat,
+    patch_rows,
+    store_listing,
+    upload,
+)
 from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-
-
-def upload(client: TestClient, name: str, adapter: Path) -> httpx.Response:
-    files = {
-        "config": (CONFIG, (adapter / CONFIG).read_bytes()),
-        "weights": (WEIGHTS, (adapter / WEIGHTS).read_bytes()),
-    }
-    return client.post("/admin/adapters", headers=ADMIN, data={"name": name}, files=files)
 
 
 def snapshot(client: TestClient, store: Path) -> tuple:
@@ -83,13 +82,13 @@ def test_a_storage_fault_during_an_upload_changes_nothing(
         real = getattr(Path, method)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(Path, method, failing(real, err, lambda p: where in str(p)))
-            response = upload(client, "gamma", patch_library / "gamma")
+            response = upload(client, "gamma", adapter_files(patch_library / "gamma"))
         error = assert_error(response, status, code)
         assert "storing adapter 'gamma' failed" in error["message"], error
         assert str(store) not in error["message"]  # no server paths in the message
         assert snapshot(client, store) == before
         # the store works again once the fault is gone
-        assert upload(client, "gamma", patch_library / "gamma").status_code == 201
+        assert upload(client, "gamma", adapter_files(patch_library / "gamma")).status_code == 201
         assert chat(client, model="gamma").status_code == 200
 
 
@@ -131,12 +130,12 @@ def test_a_real_full_disk_during_an_upload(
         filler = small_disk / "filler"  # leave room for less than gamma
         filler.write_bytes(b"\0" * max(free - gamma_size // 2, 0))
         before = snapshot(client, store)
-        response = upload(client, "gamma", patch_library / "gamma")
+        response = upload(client, "gamma", adapter_files(patch_library / "gamma"))
         error = assert_error(response, 507, "insufficient_storage")
         assert "storage is full" in error["message"]
         assert snapshot(client, store) == before
         filler.unlink()
-        assert upload(client, "gamma", patch_library / "gamma").status_code == 201
+        assert upload(client, "gamma", adapter_files(patch_library / "gamma")).status_code == 201
 
 
 # --- a stack built on a full cache ------------------------------------------------------------

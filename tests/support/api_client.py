@@ -11,6 +11,7 @@ import httpx
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from app.constants import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import ADMIN
 from tests.support.fake_engine import FakeEngine
 
@@ -140,3 +141,16 @@ def served_ok(
     tag = expected_lora or "base"  # the fake engine's answers name the LoRA
     assert response.json()["choices"][0]["message"]["content"] == f"{tag}:0 {tag}:1 "
     return patches
+
+
+def adapter_files(adapter: Path) -> dict[str, bytes]:
+    """An adapter directory's two files, as an upload sends them."""
+    return {name: (adapter / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+
+
+def upload(http: Any, name: str | None, files: dict[str, bytes]) -> httpx.Response:
+    """Register `files` (file name -> bytes) as patch `name` by a multipart upload (`http`: a
+    TestClient or an httpx client; no `name` field when None)."""
+    data = {"name": name} if name is not None else {}
+    parts = {f"file{i}": (filename, content) for i, (filename, content) in enumerate(files.items())}
+    return http.post("/admin/adapters", headers=ADMIN, data=data, files=parts)
