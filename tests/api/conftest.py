@@ -45,7 +45,12 @@ def scoring_calls(api_database: str) -> Iterator[list[str]]:
 NO_SCORING = pytest.mark.usefixtures("scoring_calls")
 
 # The database-facing API modules: each runs once on SQLite and once on PostgreSQL.
-DATABASE_MODULES = ("test_tenants", "test_tenant_policy", "test_admin_adapters")
+DATABASE_MODULES = (
+    "test_tenants",
+    "test_tenant_policy",
+    "test_admin_adapters",
+    "test_adapter_refusals",
+)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
