@@ -13,6 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
+from app.constants import CONFIG_FILE as CONFIG
+from app.constants import WEIGHTS_FILE as WEIGHTS
 from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings, make_store, register_path
 from tests.support.api_client import (
@@ -28,9 +30,6 @@ from tests.support.lora_adapters import make_lora_adapter
 from tests.support.tiny_model import build_tiny_llama
 
 pytestmark = NO_SCORING
-
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")

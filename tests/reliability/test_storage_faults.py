@@ -15,6 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 import app.patches.targets as targets_module
+from app.constants import CONFIG_FILE as CONFIG
+from app.constants import WEIGHTS_FILE as WEIGHTS
 from tests.api.conftest import NO_SCORING
 from tests.conftest import ADMIN, make_settings, make_store
 from tests.support.api_client import (
@@ -29,9 +31,6 @@ from tests.support.api_client import (
 from tests.support.apps import running_app
 
 pytestmark = NO_SCORING
-
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 
 
 def snapshot(client: TestClient, store: Path) -> tuple:
