@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.engine.types import LoraTarget
-from app.errors import BadRequest, NotFound
+from app.exceptions import InvalidRequest, NotFoundError
 from app.patches.registry import PatchRegistry
 from app.tenants.policy import TenantPolicy, Toggles, effective_patches, parse_toggles
 
@@ -37,7 +37,9 @@ def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[s
     names = model.split(STACK_SEPARATOR)
     if all(registry.find(n) is not None for n in names):
         return names
-    raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+    raise NotFoundError(
+        f"The model '{model}' does not exist", param="model", code="model_not_found"
+    )
 
 
 def body_toggles(value: Any) -> list[str]:
@@ -45,7 +47,7 @@ def body_toggles(value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadRequest(
+        raise InvalidRequest(
             f"{PATCHES_FIELD} must be a list of patch names",
             param=PATCHES_FIELD,
             code="invalid_patch",
