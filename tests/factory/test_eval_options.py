@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from app.cli.evaluate import evaluate
 from app.factory.data import split_of
 from app.factory.evaluate import Outputs, score_entry
+from app.factory.scoring import EvalRun, Gates
 from app.factory.judge import KeywordJudge
 from app.factory.sets import PromptSet, pair_options
 from app.patches.metadata import PatchMetadata
@@ -40,7 +41,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     """Replace generation by a recorder: every configuration refuses harmful-kind sets."""
     seen: dict[str, Any] = {}
 
-    def fake_evaluation(model_dir, configs, sets, **kwargs) -> list[dict[str, Any]]:
+    def fake_evaluation(model_dir, configs, sets, **kwargs) -> EvalRun:
         seen["sets"] = list(sets)
         entries = []
         for prompt_set in sets:
@@ -48,7 +49,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
             out = Outputs([[1]] * len(prompt_set.prompts), [text] * len(prompt_set.prompts))
             for config in configs:
                 entries.append(score_entry(config.name, prompt_set, out, out, KeywordJudge(), 0.0))
-        return entries
+        return EvalRun(entries, Gates())
 
     monkeypatch.setattr("app.factory.evaluate.evaluate", fake_evaluation)
     monkeypatch.setattr("app.model.identity.model_identity", lambda _: {"name": "fake"})
@@ -200,7 +201,7 @@ def test_capability_through_the_cli(recorded, tiny_model: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "capability: hs.jsonl, 3 items" in result.output
     capability = json.loads(report_path.read_text())["capability"]
-    assert capability["items"] == 3 and capability["mode"] == "always-on"
+    assert capability["items"] == 3 and capability["modes"] == ["gated", "always"]
     (base,) = capability["results"]
     assert base["config"] == "base" and base["n"] == 3 and 0.0 <= base["acc"] <= 1.0
     assert base["acc_ci95"][0] <= base["acc"] <= base["acc_ci95"][1]

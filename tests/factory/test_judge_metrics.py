@@ -156,8 +156,10 @@ def test_report_outputs(tmp_path: Path) -> None:
     table = format_table(report)
     assert "100.0%" in table and "0.1250" in table and "judge: keyword-test" in table
     assert "leave-source-out" in table and len(table.splitlines()) == 1 + 6 + 5
-    assert "| p | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
-    assert "| p | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
+    assert "| p | - | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 | - |" in markdown_table(
+        report
+    )
+    assert "| p | - | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
     assert "| drugs | 1 | 0.0% | 100.0% |" in category_table(report)
     write_json(report, tmp_path / "r.json")
     plot(report, tmp_path / "r.png")
