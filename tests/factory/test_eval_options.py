@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from app.cli.evaluate import evaluate
 from app.factory.data import split_of
 from app.factory.evaluate import Outputs, score_entry
-from app.factory.scoring import EvalRun, Gates
 from app.factory.judge import KeywordJudge
+from app.factory.scoring import EvalRun, Gates
 from app.factory.sets import PromptSet, pair_options
 from app.patches.metadata import PatchMetadata
 
