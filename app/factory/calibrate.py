@@ -151,3 +151,64 @@ def store_gates(
         metadata.write(patch_dirs[name])
         written.append(name)
     return written
+
+
+DEV_PROMPTS = 100  # per kind, spread over the sources, for the calibration after training
+
+
+def calibrate_trained(config: Any, model: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """The gate block at the end of `safepatch train`: calibrated on the dev split (never
+    trained on) of the run's harmful sources, and its benign fire rate on the dev split of
+    its preserve sources, with greedy answers (32 tokens) of the trained model and of the
+    base (adapter off) through transformers. None when the sources have no dev prompts.
+    `config` is an `app.factory.config.TrainConfig`; `model` the peft model."""
+    from app.factory.judge import default_judge
+
+    harmful = _dev_prompts(config.harmful)
+    if not harmful:
+        return None
+    judge = default_judge()
+    patched = _greedy_ids(model, tokenizer, harmful, "gate calibration: patched, harmful dev")
+    with model.disable_adapter():
+        base = _greedy_ids(model, tokenizer, harmful, "gate calibration: base, harmful dev")
+    benign = _dev_prompts(config.preserve)
+    benign_ids = _greedy_ids(model, tokenizer, benign, "gate calibration: patched, benign dev")
+
+    def decode(ids: Any) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def refused(prompts: list[str], answers: list[list[int]]) -> list[bool]:
+        return [judge.is_refusal(p, decode(a)) for p, a in zip(prompts, answers, strict=True)]
+
+    flags = refused(benign, benign_ids)
+    sets = [
+        HeldOut(
+            "harmful-dev", "harmful", refused(harmful, base), refused(harmful, patched), patched
+        )
+    ]
+    if benign:
+        sets.append(HeldOut("preserve-dev", "benign", flags, flags, benign_ids))
+    record = calibrate(GateRule(), sets, decode, by="safepatch train", judge=judge.name)
+    return merge_gate(None, record)
+
+
+def _dev_prompts(sources: Sequence[Any]) -> list[str]:
+    """Up to DEV_PROMPTS dev-split prompts, spread evenly over the sources trained on their
+    train split (a source trained whole has no held-out part)."""
+    from app.factory.data import load_prompts, with_split
+
+    held = [s for s in sources if s.split == "train"]
+    if not held:
+        return []
+    each = -(-DEV_PROMPTS // len(held))
+    prompts = [p for s in held for p in load_prompts(replace(with_split(s, "dev"), limit=each))]
+    return list(dict.fromkeys(prompts))[:DEV_PROMPTS]
+
+
+def _greedy_ids(model: Any, tokenizer: Any, prompts: list[str], desc: str) -> list[list[int]]:
+    from app.factory.preserve import greedy_targets
+
+    if not prompts:
+        return []
+    targets = greedy_targets(model, tokenizer, prompts, max_new_tokens=32, top_k=1, desc=desc)
+    return [t.response_ids for t in targets]
