@@ -47,7 +47,16 @@ from app.factory.scoring import (
 from app.factory.sets import PromptSet
 from app.patches.gate import MODES, Mode
 
-__all__ = ["BASE", "EvalConfig", "EvalRun", "Outputs", "evaluate", "mark_sources", "score_entry"]
+__all__ = [
+    "BASE",
+    "EvalConfig",
+    "EvalRun",
+    "Outputs",
+    "evaluate",
+    "mark_sources",
+    "prompt_kls",
+    "score_entry",
+]
 
 
 def resolve_patch(name_or_path: str, adapters_dir: Path) -> tuple[str, Path]:
