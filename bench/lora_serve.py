@@ -99,7 +99,6 @@ def server_command(server: str, model_dir: Path, adapters: Path, port: int) -> l
         "--max-lora-rank",
         str(ENGINE["max_lora_rank"]),
         "--enforce-eager",
-        "--disable-log-stats",
     ]
 
 

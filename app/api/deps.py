@@ -36,10 +36,14 @@ def bearer(request: Request, strict: bool = True) -> str | None:
 
 
 def _dev_principal(state: AppState) -> Principal:
+    """The dev tenant: the default patches on, gated (the base model's own answer unless the
+    patch refuses), every other patch optional, the base model allowed."""
+    default = [n for n in state.settings.default_patches if state.registry.find(n)]
     return Principal(
         DEV_TENANT,
         TenantPolicy(
-            default=[n for n in state.settings.default_patches if state.registry.find(n)],
+            default=default,
+            modes=dict.fromkeys(default, "gated"),
             optional=[
                 p.name
                 for p in state.registry.list()

@@ -53,7 +53,6 @@ def engine_kwargs(settings: Settings, model_dir: Path) -> dict[str, Any]:
         "seed": settings.seed,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
-        "disable_log_stats": True,
     }
     if not is_cpu_platform():
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization

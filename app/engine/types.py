@@ -28,6 +28,10 @@ class EngineClient(Protocol):
     def errored(self) -> bool: ...
 
     @property
+    def requests_in_flight(self) -> int:
+        """Requests the engine is working on (0 when idle: nothing left behind)."""
+
+    @property
     def asgi(self) -> ASGIApp | None:
         """The engine's OpenAI-compatible ASGI app (vLLM's own), None until started."""
 

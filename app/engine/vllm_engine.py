@@ -44,6 +44,10 @@ class VllmEngine:
         return self._llm is not None and bool(self._llm.errored)
 
     @property
+    def requests_in_flight(self) -> int:
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    @property
     def asgi(self) -> Any:
         return self._app
 

@@ -6,7 +6,14 @@ distinct values each; the rest are counted under "other".
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -66,6 +73,11 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.engine_requests = Gauge(
+            "safepatch_engine_requests",
+            "Requests the engine is working on (0 when idle: no aborted work left behind)",
+            registry=self.registry,
+        )
         self.leases_held = Gauge(
             "safepatch_lora_leases",
             "Requests in flight holding a LoRA (0 when idle: nothing leaked)",
@@ -101,4 +113,6 @@ class Metrics:
             self.ttft.labels(tenant_l, patches_l).observe(ttft)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """SafePatch's metrics, then the engine's (`vllm:*`, in prometheus_client's default
+        registry, as `vllm serve`'s /metrics shows them)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 Mode = Literal["gated", "always"]
 MODES: tuple[Mode, ...] = ("gated", "always")
 # How refusals open (lower case): SafePatch's training targets and the decline openings the
@@ -75,22 +77,55 @@ def normalise(text: str) -> str:
     return text.strip().lower().replace("\u2019", "'").replace("\u2018", "'")
 
 
+SIGNALS = ("probe_text_opening",)
+MAX_PROBE_TOKENS = 64
+
+
+class GateSpec(BaseModel):
+    """A gate rule as stored in `safepatch.json` (key `gate`) or sent by an operator
+    (`PUT /admin/adapters/{name}/gate`): every field checked, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "always"  # the patch's default mode
+    signal: Literal["probe_text_opening"] = "probe_text_opening"
+    probe_tokens: int = Field(default=6, ge=1, le=MAX_PROBE_TOKENS, strict=True)
+    openings: list[str] | None = Field(default=None, min_length=1)  # None: REFUSAL_OPENINGS
+    calibration: str | dict[str, Any] = (
+        "the refusal openings of SafePatch's training targets (not calibrated)"
+    )
+
+    @field_validator("openings")
+    @classmethod
+    def _openings(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        # an empty opening would match every probe
+        kept = [o for o in map(normalise, value) if o]
+        if not kept:
+            raise ValueError("openings must hold at least one non-empty opening")
+        return kept
+
+
 @dataclass(frozen=True)
 class GateRule:
     """The decision rule of one patch: which signal, its parameters, how they were set."""
 
-    mode: Mode = "always"  # the patch's default mode
+    mode: Mode = "always"
     signal: str = "probe_text_opening"
     probe_tokens: int = 6
     openings: tuple[str, ...] = REFUSAL_OPENINGS
-    calibration: str = "the refusal openings of SafePatch's training targets (not calibrated)"
+    calibration: str | dict[str, Any] = GateSpec.model_fields["calibration"].default
+
+    @classmethod
+    def from_spec(cls, spec: GateSpec) -> GateRule:
+        values = spec.model_dump(exclude={"openings"})
+        return cls(**values, openings=tuple(spec.openings or REFUSAL_OPENINGS))
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> GateRule:
-        values = dict(meta.get("gate") or {})
-        if "openings" in values:  # an empty opening would match every probe: dropped
-            values["openings"] = tuple(o for o in map(normalise, values["openings"]) if o)
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        """The rule in a patch's metadata (checked when the patch was registered)."""
+        return cls.from_spec(GateSpec.model_validate(meta.get("gate") or {}))
 
     def fires(self, probe_text: str) -> bool:
         return normalise(probe_text).startswith(self.openings)

@@ -29,7 +29,13 @@ from app.engine.types import EngineClient, LoraTarget
 from app.errors import BadRequest, Conflict, NotFound
 from app.patches.gate import GateRule
 from app.patches.lora_io import LoraFormatError, read_checked
-from app.patches.metadata import CONFIG_FILE, WEIGHTS_FILE, PatchMetadata, weights_sha256
+from app.patches.metadata import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    PatchMetadata,
+    invalid_metadata,
+    weights_sha256,
+)
 from app.patches.storage import remove_dir, storage_error
 from app.patches.targets import ServingTargets
 from app.patches.validation import AdapterValidationError, validate_adapter, validate_name
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"  # upload staging inside the store; never scanned
+OPERATOR_GATE = "gate_set_by_operator"  # meta key: the gate came from PUT .../gate
 
 
 @dataclass
@@ -92,7 +99,8 @@ class PatchRecord:
             if ortho
             else None,
             "safety_effect": self.evaluation,
-            "gate": GateRule.from_meta(self.meta).as_dict(),
+            "gate": GateRule.from_meta(self.meta).as_dict()
+            | {"set_by": "operator" if self.meta.get(OPERATOR_GATE) else "metadata"},
         }
 
 
@@ -183,6 +191,10 @@ class PatchRegistry:
                 continue
             if on_disk and on_disk.evaluation and on_disk.evaluation != record.evaluation:
                 self.store_result(record.name, "evaluation", on_disk.evaluation)
+            # a recalibrated gate in safepatch.json, unless an operator set this patch's gate
+            operator_set = record.meta.get(OPERATOR_GATE)
+            if on_disk and not operator_set and on_disk.gate != record.meta.get("gate"):
+                self.store_result(record.name, "meta", record.meta | {"gate": on_disk.gate})
         for path in sorted(self.store_dir.iterdir()) if self.store_dir.is_dir() else []:
             if path.name.startswith("."):  # upload staging, directories being deleted
                 continue
@@ -287,6 +299,25 @@ class PatchRegistry:
             await asyncio.to_thread(self._mark_pinned, name, pinned, actor)
             return self.get(name)
 
+    def set_gate(self, name: str, gate: dict[str, Any] | None, actor: str) -> PatchRecord:
+        """An operator's gate rule for `name` (None: back to the rule in its safepatch.json),
+        kept across restarts: the store's metadata no longer replaces it."""
+        record = self.get(name)
+        meta = {k: v for k, v in record.meta.items() if k != OPERATOR_GATE}
+        if gate is None:
+            on_disk = PatchMetadata.read(record.path)
+            meta["gate"] = on_disk.gate if on_disk else None
+        else:
+            meta |= {"gate": gate, OPERATOR_GATE: True}
+        with self.catalog.writing() as conn:
+            conn.execute(
+                db.patches.update()
+                .where(db.patches.c.name == name)
+                .values(meta=db.dumps(meta), updated_at=db.utcnow())
+            )
+            self.catalog.audit(conn, actor, "patch.gate", name, gate=gate)
+        return self.get(name)
+
     def store_result(self, name: str, field: str, value: dict[str, Any]) -> None:
         """Save a background result (`orthogonality` or `evaluation`) with the patch."""
         with self.catalog.writing() as conn:
@@ -342,9 +373,7 @@ class PatchRegistry:
         try:
             existing = PatchMetadata.read(path)
         except ValueError as exc:
-            raise BadRequest(
-                f"invalid safepatch.json: {exc}", param="metadata", code="invalid_metadata"
-            ) from None
+            raise invalid_metadata(exc) from None
         meta = PatchMetadata(
             name=name,
             description=existing.description if existing else "",

@@ -10,9 +10,10 @@ penalties, streaming, errors) is vLLM's own serving layer, unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -126,18 +127,34 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
         state.model_name,
         state.registry,
     )
-    gates: dict[str, str] = {}
+    request.state.tenant, request.state.patches = who.tenant, who.patches
+    probe = None
     if request.url.path in GATED_ROUTES:
         rules = {p: GateRule.from_meta(state.registry.get(p).meta) for p in who.patches}
         probe = Probe.for_patches(rules, caller.policy.modes, who.patches)
-        if probe is not None and _prefilled(payload):
-            # the reply is already begun by the caller: a gate reading its first tokens could
-            # be steered past, so the gated patches act as always on (fail closed)
-            gates = dict.fromkeys(probe.gated, "prefilled")
-        elif probe is not None:
-            who, gates = await _gate(state, request, payload, who, probe)
+    if probe is None:
+        return await _answer(state, request, payload, requested, who, {})
+    if _prefilled(payload):
+        # the reply is already begun by the caller: a gate reading its first tokens could be
+        # steered past, so the gated patches act as always on (fail closed)
+        return await _answer(
+            state, request, payload, requested, who, dict.fromkeys(probe.gated, "prefilled")
+        )
+    return await _gated_answer(state, request, payload, requested, who, probe)
+
+
+async def _answer(
+    state: AppState,
+    request: Request,
+    payload: dict[str, Any],
+    requested: str,
+    who: Resolved,
+    gates: dict[str, str],
+    hold: Awaitable[None] | None = None,
+) -> Response:
+    """vLLM's answer with `who.lora`, leased until its last byte, under the client's model
+    name and with SafePatch's decisions added. `gates` may still be filled while `hold` runs."""
     release = await _lease(state, who)
-    request.state.tenant, request.state.patches = who.tenant, who.patches
     payload["model"] = served_name(who.lora) if who.lora else state.model_name
     info = {"applied_patches": who.patches, "gates": gates}
     meter = UsageMeter()
@@ -159,12 +176,55 @@ async def serve(state: AppState, caller: Principal, request: Request) -> Respons
             who.tenant, who.patches, meter.prompt_tokens, meter.completion_tokens, meter.first
         )
 
-    headers = {APPLIED_HEADER: ",".join(who.patches)}
-    if gates:
-        headers[GATES_HEADER] = ",".join(f"{p}={d}" for p, d in gates.items())
-    return await forward(
-        app, request, encode_json(payload), rewrite, extra_headers=headers, on_done=_once(done)
+    response = await forward(
+        engine_app(state),
+        request,
+        encode_json(payload),
+        rewrite,
+        extra_headers={APPLIED_HEADER: ",".join(who.patches)},
+        on_done=_once(done),
+        hold=hold,
     )
+    if gates:
+        response.headers[GATES_HEADER] = ",".join(f"{p}={d}" for p, d in gates.items())
+    return response
+
+
+async def _gated_answer(
+    state: AppState,
+    request: Request,
+    payload: dict[str, Any],
+    requested: str,
+    who: Resolved,
+    probe: Probe,
+) -> Response:
+    """The probe and the ungated request start together, so a request the probe passes (most
+    traffic) waits for no probe: nothing of the ungated answer is sent before the decision.
+    If the probe fires, the ungated request is dropped (vLLM aborts it) and the patched one
+    runs, reusing the probe's prefix from vLLM's LoRA-aware prefix cache."""
+    kept = [p for p in who.patches if p not in probe.gated]
+    ungated = Resolved(who.tenant, kept, await state.registry.lora_for(kept))
+    gates: dict[str, str] = {}
+    decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    early = asyncio.create_task(
+        _answer(state, request, dict(payload), requested, ungated, gates, hold=decided)
+    )
+    early.add_done_callback(_retrieve)
+    try:
+        fired = await _probe(state, request, payload, who, probe)
+    except BaseException:
+        early.cancel()
+        raise
+    decision = "fired" if fired else "passed"
+    for patch in probe.gated:
+        state.metrics.gate_decisions.labels(patch, decision).inc()
+    gates.update(dict.fromkeys(probe.gated, decision))
+    if fired:
+        early.cancel()
+        return await _answer(state, request, payload, requested, who, gates)
+    request.state.patches = kept
+    decided.set_result(None)
+    return await early
 
 
 async def _lease(state: AppState, who: Resolved) -> Callable[[], None]:
@@ -180,25 +240,23 @@ async def _lease(state: AppState, who: Resolved) -> Callable[[], None]:
     return release
 
 
-async def _gate(
+async def _probe(
     state: AppState, request: Request, payload: dict[str, Any], who: Resolved, probe: Probe
-) -> tuple[Resolved, dict[str, str]]:
-    """Probe with every effective patch; where it does not refuse, the gated patches are off.
-    A probe that fails (a 4xx the real request will get too) keeps them on: fail closed."""
+) -> bool:
+    """Whether the probe with every effective patch fires. A probe that fails (a 4xx the
+    real request will get too) counts as firing: fail closed."""
     body = {k: v for k, v in payload.items() if k not in PROBE_DROPPED}
     body.update(max_tokens=probe.probe_tokens, temperature=0, n=1, stream=False)
     body["model"] = served_name(who.lora) if who.lora else state.model_name
     release = await _lease(state, who)
     answer = await forward(engine_app(state), request, encode_json(body), on_done=release)
-    fired = answer.status_code != 200 or probe.fires(_first_text(answer.body))
-    decision = "fired" if fired else "passed"
-    for patch in probe.gated:
-        state.metrics.gate_decisions.labels(patch, decision).inc()
-    gates = {patch: decision for patch in probe.gated}
-    if fired:
-        return who, gates
-    kept = [p for p in who.patches if p not in probe.gated]
-    return Resolved(who.tenant, kept, await state.registry.lora_for(kept)), gates
+    return answer.status_code != 200 or probe.fires(_first_text(answer.body))
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A dropped ungated answer's error is nobody's: read it so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _prefilled(payload: dict[str, Any]) -> bool:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -129,13 +129,18 @@ async def forward(
     rewrite: JSONRewrite | None = None,
     extra_headers: dict[str, str] | None = None,
     on_done: Callable[[], None] = lambda: None,
+    hold: Awaitable[None] | None = None,
 ) -> Response:
     """Run `request` (with `body`) through `app`. JSON answers and each SSE event pass through
-    `rewrite`; `on_done` (idempotent) runs once the answer is fully sent, or the client left."""
+    `rewrite`; `on_done` (idempotent) runs once the answer is fully sent, or the client left.
+    With `hold`, the answer starts at once but nothing of it is rewritten or returned before
+    `hold` is done; cancelling the call meanwhile ends the inner request (vLLM aborts it)."""
     exchange = _Exchange(app, _inner_scope(request, body), body)
     watcher = asyncio.create_task(_watch_disconnect(request, exchange))
     try:
         start = await exchange.messages.get()
+        if hold is not None:
+            await hold
         if start is None:  # the inner app ended without answering
             await exchange.task  # re-raises its error, answered by our handlers
             raise RuntimeError("the engine's app sent no response")

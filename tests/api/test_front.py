@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from app.config import Settings
-from tests.api.conftest import BASE, NO_SCORING, add_tenant, running_app
+from tests.api.conftest import BASE, NO_SCORING, add_tenant, chat, running_app
 from tests.conftest import make_settings
 from tests.support.fake_engine import FakeEngine
 
@@ -38,8 +38,11 @@ def test_openai_client_with_any_key_in_dev_mode_only(
     with running_app(settings) as (http, _):
         key = add_tenant(http, "acme", allow_base=True)["Authorization"][7:]
         assert chat_text(client_for(http, key)) == "base:0 base:1 "  # a tenant key: its policy
-        if dev_mode:  # any other key is the dev tenant, with its default patch
-            assert chat_text(client_for(http, "sk-anything")) == "alpha:0 alpha:1 "
+        if dev_mode:  # any other key is the dev tenant, with its default patch gated
+            assert chat_text(client_for(http, "sk-anything")) == "base:0 base:1 "
+            harmful = [{"role": "user", "content": "[refuse] harm"}]
+            body = chat(http, {"Authorization": "Bearer sk-x"}, messages=harmful).json()
+            assert body["safepatch"] == {"applied_patches": ["alpha"], "gates": {"alpha": "fired"}}
         else:
             with pytest.raises(openai.AuthenticationError):
                 chat_text(client_for(http, "sk-anything"))

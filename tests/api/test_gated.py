@@ -4,6 +4,7 @@ served. Mode is policy: a tenant sets it per patch, a request cannot weaken a ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from app.config import Settings
 from tests.api.conftest import BASE, NO_SCORING, add_tenant, assert_error, chat, running_app
 from tests.conftest import ADMIN
+from tests.support.fake_engine import FakeEngine
+
+CONFIG_WEIGHTS = "adapter_model.safetensors"
 
 pytestmark = NO_SCORING
 REFUSE = [{"role": "user", "content": "[refuse] how do I do harm"}]
@@ -117,3 +121,92 @@ def test_a_prefilled_reply_keeps_the_gated_patch_on(settings: Settings) -> None:
         ).json()
         assert body["safepatch"] == {"applied_patches": ["alpha"], "gates": {"alpha": "prefilled"}}
         assert len(engine.calls) == 1 and engine.calls[0][1].name == "alpha"  # no probe
+
+
+def leases(client) -> float:
+    text = client.get("/metrics").text
+    return next(float(v.split()[-1]) for v in text.splitlines() if v.startswith("safepatch_lora_"))
+
+
+def test_the_ungated_request_runs_beside_the_probe(settings: Settings) -> None:
+    """A request the probe passes waits for no probe: its ungated answer is already running."""
+    engine = FakeEngine(token_delay=0.02)
+    with running_app(settings, engine) as (client, _):
+        headers = add_tenant(client, "b", mandatory=["alpha"], modes={"alpha": "gated"})
+        body = chat(client, headers, max_tokens=8).json()
+        assert body["safepatch"]["gates"] == {"alpha": "passed"}
+        assert engine.most_in_flight == 2  # the probe and the ungated request together
+        assert leases(client) == 0
+
+
+def test_a_fired_probe_drops_the_ungated_stream(settings: Settings) -> None:
+    """Nothing of the ungated answer reaches the client, and the engine stops making it."""
+    engine = FakeEngine(token_delay=0.05)
+    with running_app(settings, engine) as (client, _):
+        headers = add_tenant(client, "f", mandatory=["alpha"], modes={"alpha": "gated"})
+        response = chat(client, headers, messages=REFUSE, max_tokens=40, stream=True)
+        assert response.status_code == 200, response.text
+        assert "base:" not in response.text and "I'm sorry:39" in response.text
+        assert engine.cancelled == ["base"]  # the ungated stream, aborted
+        assert leases(client) == 0
+
+
+def test_an_operator_sets_and_resets_a_patchs_gate(settings: Settings) -> None:
+    with running_app(settings) as (client, engine):
+        rule = {"mode": "gated", "probe_tokens": 4, "calibration": "by hand"}
+        response = client.put("/admin/adapters/alpha/gate", headers=ADMIN, json=rule)
+        assert response.status_code == 200, response.text
+        gate = response.json()["gate"]
+        assert (gate["mode"], gate["probe_tokens"], gate["set_by"]) == ("gated", 4, "operator")
+        headers = add_tenant(client, "o", default=["alpha"])  # no mode: the patch's own
+        assert chat(client, headers).json()["safepatch"]["gates"] == {"alpha": "passed"}
+        assert engine.calls[-2][0]["max_tokens"] == 4 or engine.calls[-1][0]["max_tokens"] == 4
+        response = client.delete("/admin/adapters/alpha/gate", headers=ADMIN)
+        assert response.json()["gate"]["mode"] == "always"
+        assert response.json()["gate"]["set_by"] == "metadata"
+        assert chat(client, headers).json()["safepatch"]["gates"] == {}
+
+
+@pytest.mark.parametrize(
+    ("rule", "param"),
+    [
+        ({"mode": "sometimes"}, "mode"),
+        ({"probe_tokens": 0}, "probe_tokens"),
+        ({"probe_tokens": 65}, "probe_tokens"),
+        ({"signal": "vibes"}, "signal"),
+        ({"openings": [" "]}, "openings"),
+        ({"threshold": 0.5}, "threshold"),
+    ],
+)
+def test_bad_gate_rules_are_422_and_change_nothing(
+    settings: Settings, rule: dict, param: str
+) -> None:
+    with running_app(settings) as (client, _):
+        before = client.get("/admin/adapters/alpha", headers=ADMIN).json()
+        response = client.put("/admin/adapters/alpha/gate", headers=ADMIN, json=rule)
+        assert assert_error(response, 422)["param"].endswith(param)
+        assert client.get("/admin/adapters/alpha", headers=ADMIN).json() == before
+
+
+def test_an_upload_with_a_bad_gate_is_422_naming_the_field(
+    settings: Settings, patch_library
+) -> None:
+    alpha = patch_library / "alpha"
+    files = {n: (alpha / n).read_bytes() for n in ("adapter_config.json", CONFIG_WEIGHTS)}
+    meta = {
+        "name": "bad-gate",
+        "rank": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "weights_sha256": hashlib.sha256(files[CONFIG_WEIGHTS]).hexdigest(),
+        "gate": {"mode": "gated", "probe_tokens": 99},
+    }
+    files["safepatch.json"] = json.dumps(meta).encode()
+    with running_app(settings) as (client, _):
+        parts = {f"f{i}": (n, data) for i, (n, data) in enumerate(files.items())}
+        response = client.post(
+            "/admin/adapters", headers=ADMIN, data={"name": "bad-gate"}, files=parts
+        )
+        assert assert_error(response, 422, "invalid_metadata")["param"] == (
+            "metadata.gate.probe_tokens"
+        )
+        assert client.get("/admin/adapters/bad-gate", headers=ADMIN).status_code == 404

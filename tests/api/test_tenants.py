@@ -83,8 +83,9 @@ def served_ok(
     patches = applied(response)
     assert patches == sorted(patches)
     expected_lora = "+".join(patches) or None
-    assert served_lora(engine) == expected_lora
-    tag = expected_lora or "base"
+    if not response.json()["safepatch"]["gates"]:  # else the probe may have been last
+        assert served_lora(engine) == expected_lora
+    tag = expected_lora or "base"  # the fake engine's answers name the LoRA
     assert response.json()["choices"][0]["message"]["content"] == f"{tag}:0 {tag}:1 "
     return patches
 
@@ -578,9 +579,12 @@ def test_dev_mode_serves_anonymous_requests(tiny_model: Path, store: Path, tmp_p
         tiny_model, tmp_path, admin_token=None, dev_mode=True, default_patches=["beta"]
     )
     with running_app(settings) as (client, engine):
-        assert served_ok(client, engine, {}) == ["beta"]
+        # the default patch is gated: the base's answer unless the probe refuses
+        assert served_ok(client, engine, {}) == []
+        harmful = [{"role": "user", "content": "[refuse] harm"}]
+        assert applied(chat(client, {}, messages=harmful)) == ["beta"]
         assert served_ok(client, engine, {}, safety_patches=["-beta"]) == []
-        assert served_ok(client, engine, {}, model="alpha+gamma") == ["alpha", "beta", "gamma"]
+        assert served_ok(client, engine, {}, model="alpha+gamma") == ["alpha", "gamma"]
         assert model_ids(client) == [BASE, "alpha", "beta", "gamma"]
         # the admin API still wants the admin token, which dev mode keeps in the cache dir
         assert_error(client.get("/admin/tenants"), 401)

@@ -128,3 +128,6 @@ def test_nothing_leaks(live_server: LiveServer, gated: tuple) -> None:
     assert 'safepatch_gate_decisions_total{decision="fired",patch="alpha-gated"}' in metrics
     lines = [line for line in metrics.splitlines() if line.startswith("safepatch_lora_leases")]
     assert lines == ["safepatch_lora_leases 0.0"], lines
+    # every dropped ungated request and every probe has ended in the engine too
+    assert "\nsafepatch_engine_requests 0.0\n" in metrics
+    assert "vllm:generation_tokens_total" in metrics  # the engine's own metrics beside ours

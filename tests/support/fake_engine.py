@@ -41,8 +41,14 @@ class FakeEngine:
         self.loaded: dict[int, LoraTarget] = {}
         self.pinned: set[int] = set()
         self.cancelled: list[str] = []
+        self.in_flight = 0  # generation requests being answered now
+        self.most_in_flight = 0
         self.fail_with: Exception | None = None  # raised inside the app on the next request
         self.app = self._build_app()
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self.in_flight
 
     @property
     def is_ready(self) -> bool:
@@ -99,10 +105,14 @@ class FakeEngine:
             if self.fail_with is not None:
                 error, self.fail_with = self.fail_with, None
                 raise error
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:  # vLLM validates requests: a 400 for what it cannot take
                 return await answer(request)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:
                 return vllm_error(f"invalid request: {exc}", 400)
+            finally:
+                self.in_flight -= 1
 
         async def answer(request: Request):
             body = await request.json()
@@ -124,6 +134,7 @@ class FakeEngine:
                     self._events(body, chat, tag, max_tokens, request),
                     media_type="text/event-stream",
                 )
+            await asyncio.sleep(self.token_delay * max_tokens)
             text = "".join(f"{tag}:{i} " for i in range(max_tokens))
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             usage = {"prompt_tokens": 3, "completion_tokens": max_tokens}

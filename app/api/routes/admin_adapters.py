@@ -1,4 +1,5 @@
-"""Admin API for the patch registry: list, inspect, register (path or upload), delete, pin.
+"""Admin API for the patch registry: list, inspect, register (path or upload), delete, pin,
+set a patch's gate rule.
 
 Reads come from the replica's snapshot; registration (validation reads the weights) and the
 database writes run in a worker thread, never on the event loop. With the database down,
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 
 from app.api.deps import Admin, State
 from app.errors import BadRequest, Conflict
+from app.patches.gate import GateSpec
 from app.patches.metadata import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from app.patches.scores import schedule_scoring
 from app.patches.storage import storage_error
@@ -164,6 +166,20 @@ async def delete_adapter(name: str, state: State, actor: Admin) -> Response:
         await state.registry.delete(name, actor)
     state.metrics.adapter_events.labels("deleted").inc()
     return Response(status_code=204)
+
+
+@router.put("/{name}/gate")
+async def set_gate(name: str, rule: GateSpec, state: State, actor: Admin) -> dict[str, Any]:
+    """Override the patch's gate rule (default mode, signal, threshold); it is reported with
+    the patch and kept until `DELETE .../gate` restores the rule in its safepatch.json."""
+    await asyncio.to_thread(state.registry.set_gate, name, rule.model_dump(), actor)
+    return _detail(state, name)
+
+
+@router.delete("/{name}/gate")
+async def reset_gate(name: str, state: State, actor: Admin) -> dict[str, Any]:
+    await asyncio.to_thread(state.registry.set_gate, name, None, actor)
+    return _detail(state, name)
 
 
 @router.post("/{name}/pin")

@@ -38,4 +38,5 @@ async def ready(state: State) -> JSONResponse:
 async def metrics(state: State) -> Response:
     state.metrics.engine_ready.set(1 if state.engine.is_ready and not state.draining else 0)
     state.metrics.leases_held.set(state.registry.targets.leases_held())
+    state.metrics.engine_requests.set(state.engine.requests_in_flight)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
