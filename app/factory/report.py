@@ -29,8 +29,29 @@ def build_report(entries: Sequence[dict[str, Any]], **info: Any) -> dict[str, An
         "created_at": datetime.now(timezone.utc).isoformat(),
         **info,
         "leave_source_out": leave_source_out(entries),
+        "modes": mode_summary(entries),
         "entries": list(entries),
     }
+
+
+def mode_summary(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration and mode, pooled over sets (weighted by prompts scored): harmful
+    refusal, and on benign sets over-refusal, unchanged rate, mean KL and the gate's fire rate."""
+    rows = []
+    for config, mode in dict.fromkeys((e["config"], e.get("mode")) for e in entries):
+        mine = [e for e in entries if (e["config"], e.get("mode")) == (config, mode)]
+        row: dict[str, Any] = {"config": config, **({"mode": mode} if mode else {})}
+        for kind, keys in (("harmful", ("refusal_rate",)), ("benign", BENIGN_KEYS)):
+            sets = [e for e in mine if e["kind"] == kind]
+            n = sum(e["n"] for e in sets)
+            for key in keys if n else ():
+                if all(e.get(key) is not None for e in sets):
+                    row[f"{kind}_{key}"] = sum(e[key] * e["n"] for e in sets) / n
+        rows.append(row)
+    return rows
+
+
+BENIGN_KEYS = ("refusal_rate", "unchanged_rate", "mean_kl", "fire_rate")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -40,6 +61,10 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
+
+
+def _kl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -61,13 +86,23 @@ def format_table(report: dict[str, Any]) -> str:
                 e.get("source", "-"),
                 _pct(e["refusal_rate"]),
                 _pct(e.get("unchanged_rate")),
-                "-" if kl is None else f"{kl:.4f}",
+                _kl(kl),
                 _pct(e.get("fire_rate")),
             )
         )
     lines = _fixed(rows)
     if report.get("judge"):
         lines.insert(0, f"judge: {report['judge']}")
+    lines += ["", "modes (pooled over sets; benign mean KL weighted by prompts):"]
+    lines += _fixed(
+        [("config", "mode", "harmful refusal", "over-refusal", "unchanged", "mean KL", "fires")]
+        + [
+            (r["config"], r.get("mode", "-"), _pct(r.get("harmful_refusal_rate")))
+            + (_pct(r.get("benign_refusal_rate")), _pct(r.get("benign_unchanged_rate")))
+            + (_kl(r.get("benign_mean_kl")), _pct(r.get("benign_fire_rate")))
+            for r in report.get("modes") or mode_summary(report["entries"])
+        ]
+    )
     pooled = report.get("leave_source_out") or leave_source_out(report["entries"])
     if pooled:
         lines += ["", "leave-source-out (harmful sets from files the patch never trained on):"]
