@@ -186,7 +186,17 @@ def score_mode(
     served = gated_outputs(base, out, fires)
     entry = score_entry(config, prompt_set, served, base, judge, kl.mean(fires) if kl else None)
     fire_rate = sum(fires) / len(fires) if fires else 0.0
-    return entry | {"mode": "gated", "fire_rate": fire_rate, "probe_tokens": gate.probe_tokens}
+    entry |= {"mode": "gated", "fire_rate": fire_rate, "probe_tokens": gate.probe_tokens}
+    if prompt_set.kind == "benign":  # issue #14's "identical wherever the patch does not refuse"
+        kept = [
+            a == b
+            for a, b, text, prompt in zip(
+                served.token_ids, base.token_ids, served.texts, prompt_set.prompts, strict=True
+            )
+            if not judge.is_refusal(prompt, text)
+        ]
+        entry["unchanged_where_not_refused"] = sum(kept) / len(kept) if kept else None
+    return entry
 
 
 def score_entry(

@@ -58,6 +58,7 @@ def test_gated_outputs_are_the_base_where_the_probe_passes_and_patched_where_it_
     assert gated["refusal_rate"] == 0.25 and gated["unchanged_rate"] == 0.75
     assert gated["mean_kl"] == pytest.approx(0.8 / 10)
     assert gated["fire_rate"] == 0.25 and gated["probe_tokens"] == 2
+    assert gated["unchanged_where_not_refused"] == 1.0  # the 3 served non-refusals are the base's
 
 
 def test_a_stack_probes_once_with_its_longest_probe() -> None:
