@@ -43,6 +43,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
 
     def fake_evaluation(model_dir, configs, sets, **kwargs) -> EvalRun:
         seen["sets"] = list(sets)
+        seen["modes"], seen["calibrate"] = kwargs.get("modes"), kwargs.get("calibrate")
         entries = []
         for prompt_set in sets:
             text = "I can't help." if prompt_set.kind == "harmful" else "Sure."
@@ -240,3 +241,21 @@ def test_mark_sources_for_patches_and_stacks(tmp_path: Path) -> None:
         ("trained+other", "adv-dev"): "dev",
         ("trained+other", "cat"): "trained",  # a stack member trained on the whole file
     }
+
+
+def test_mode_option_through_the_cli(files, recorded, tmp_path: Path) -> None:
+    """--mode: both by default, repeatable, `always-on` an alias; anything else is a usage
+    error (exit 2) naming the value; --no-calibrate-gate reaches the evaluation."""
+    spec = f"{files['harmful']}?kind=harmful&column=request"
+    _run(["--prompts", spec], tmp_path)
+    assert recorded["modes"] == ("gated", "always") and recorded["calibrate"] is True
+    _run(["--prompts", spec, "--mode", "always-on", "--no-calibrate-gate"], tmp_path)
+    assert recorded["modes"] == ("always",) and recorded["calibrate"] is False
+    _run(["--prompts", spec, "--mode", "gated"], tmp_path)
+    assert recorded["modes"] == ("gated",)
+    app = typer.Typer()
+    app.command()(evaluate)
+    bad = CliRunner().invoke(
+        app, ["--prompts", spec, "--mode", "sometimes", "--model", str(tmp_path)]
+    )
+    assert bad.exit_code == 2 and "sometimes" in bad.output
