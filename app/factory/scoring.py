@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.factory.calibrate import HeldOut, calibrate, merge_gate
+from app.factory.calibrate import HeldOut, merge_gate
+from app.factory.calibrate import calibrate as calibrated  # `calibrate` is a flag below
 from app.factory.gating import Decode, Gate, Outputs, PromptKL, fired, gate_for, gated_outputs
 from app.factory.judge import RefusalJudge
 from app.factory.sets import PromptSet, patch_trainings, source_status
@@ -83,7 +84,9 @@ def resolve_gates(
             held = _held_out(config.name, sets, collected, judge, trainings.get(path.name))
             if not any(h.kind == "harmful" for h in held):
                 continue
-            record = calibrate_rule(rules[name], held, collected.decode, judge)
+            record = calibrated(
+                rules[name], held, collected.decode, judge=getattr(judge, "name", "")
+            )
             block = merge_gate(existing, record)
             gates.records[name], gates.blocks[name] = record, block
             if block is not None:
@@ -92,12 +95,6 @@ def resolve_gates(
         if config.patch_dirs:
             gates.by_config[config.name] = gate_for([rules[n] for n, _ in config.patch_dirs])
     return gates
-
-
-def calibrate_rule(
-    rule: GateRule, held: Sequence[HeldOut], decode: Decode, judge: RefusalJudge
-) -> dict[str, Any]:
-    return calibrate(rule, held, decode, judge=getattr(judge, "name", ""))
 
 
 def _held_out(
