@@ -1,4 +1,5 @@
-"""Request dependencies as `Annotated` aliases: the app state, the caller, the admin."""
+"""Request dependencies as `Annotated` aliases: the app state, the caller, the resolved
+request to a vLLM route (on top of the caller), the admin."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import Forbidden, Unauthorized
+from app.serving.front import Call, resolve_call
 from app.state import AppState
 from app.tenants.access import Principal
 from app.tenants.policy import TenantPolicy
@@ -89,4 +91,12 @@ def require_admin(request: Request, state: State) -> str:
 
 
 Caller = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_call(request: Request, state: State, caller: Caller) -> Call:
+    """The request to a vLLM route, resolved for the caller: patches, LoRA, probe."""
+    return await resolve_call(state, caller, request)
+
+
+ServedCall = Annotated[Call, Depends(get_call)]
 Admin = Annotated[str, Depends(require_admin)]

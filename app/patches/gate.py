@@ -130,6 +130,16 @@ class GateRule:
     def fires(self, probe_text: str) -> bool:
         return normalise(probe_text).startswith(self.openings)
 
+    def verdict(self, probe_text: str) -> bool | None:
+        """`fires` of every continuation of `probe_text`, where they all agree: True once it
+        opens with an opening, False once no opening can follow, else None (read on). Equal
+        to `fires` of the whole probe wherever it decides (normalising is per character,
+        bar the outer spaces it strips, which only keep a text undecided longer)."""
+        text = normalise(probe_text)
+        if text.startswith(self.openings):
+            return True
+        return None if any(o.startswith(text) for o in self.openings) else False
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "openings": list(self.openings)}
 
@@ -156,3 +166,10 @@ class Probe:
 
     def fires(self, probe_text: str) -> bool:
         return any(rule.fires(probe_text) for rule in self.rules)
+
+    def verdict(self, probe_text: str) -> bool | None:
+        """True once any rule fires, False once none can, else None."""
+        verdicts = [rule.verdict(probe_text) for rule in self.rules]
+        if True in verdicts:
+            return True
+        return None if None in verdicts else False

@@ -47,7 +47,7 @@ def test_gate_serves_the_base_unless_the_probe_refuses(settings: Settings, strea
         assert info == {"applied_patches": [], "gates": {"alpha": "passed"}}
         probe, served = engine.calls[-2:]
         assert probe[1].name == "alpha" and probe[0]["max_tokens"] == 6
-        assert probe[0]["temperature"] == 0 and probe[0]["stream"] is False
+        assert probe[0]["temperature"] == 0 and probe[0]["stream"] is True
         assert served[1] is None
         text, info = ask(REFUSE)
         assert text == "I'm sorry:0 I'm sorry:1 I'm sorry:2 "  # the patched answer
@@ -136,6 +136,7 @@ def test_the_ungated_request_runs_beside_the_probe(settings: Settings) -> None:
         body = chat(client, headers, max_tokens=8).json()
         assert body["safepatch"]["gates"] == {"alpha": "passed"}
         assert engine.most_in_flight == 2  # the probe and the ungated request together
+        assert "alpha" in engine.cancelled  # the probe stopped once its first token decided
         assert leases(client) == 0
 
 
@@ -147,7 +148,7 @@ def test_a_fired_probe_drops_the_ungated_stream(settings: Settings) -> None:
         response = chat(client, headers, messages=REFUSE, max_tokens=40, stream=True)
         assert response.status_code == 200, response.text
         assert "base:" not in response.text and "I'm sorry:39" in response.text
-        assert engine.cancelled == ["base"]  # the ungated stream, aborted
+        assert "base" in engine.cancelled  # the ungated stream, aborted
         assert leases(client) == 0
 
 
@@ -210,3 +211,33 @@ def test_an_upload_with_a_bad_gate_is_422_naming_the_field(
             "metadata.gate.probe_tokens"
         )
         assert client.get("/admin/adapters/bad-gate", headers=ADMIN).status_code == 404
+
+
+def test_a_recalibrated_gate_on_disk_wins_at_restart_unless_an_operator_set_one(
+    settings: Settings,
+) -> None:
+    """`safepatch eval` rewrites a shipped patch's `gate` in its safepatch.json: a restart
+    picks it up, except for a patch whose gate an operator set through the admin API."""
+    with running_app(settings) as (client, _):
+        meta = client.get("/admin/adapters/alpha", headers=ADMIN).json()
+        assert meta["gate"]["mode"] == "always"
+    for name in ("alpha", "beta"):
+        record = {
+            "name": name,
+            "rank": 4,
+            "target_modules": ["q_proj"],
+            "weights_sha256": "-",
+            "gate": {"mode": "gated", "probe_tokens": 3, "calibration": "recalibrated"},
+        }
+        (settings.adapters_dir / name / "safepatch.json").write_text(json.dumps(record))
+    with running_app(settings) as (client, _):
+        gate = client.get("/admin/adapters/alpha", headers=ADMIN).json()["gate"]
+        assert (gate["mode"], gate["probe_tokens"], gate["set_by"]) == ("gated", 3, "metadata")
+        rule = {"mode": "always", "calibration": "the operator's"}
+        assert client.put("/admin/adapters/beta/gate", headers=ADMIN, json=rule).status_code == 200
+    (settings.adapters_dir / "beta" / "safepatch.json").write_text(
+        json.dumps(record | {"gate": {"mode": "gated", "probe_tokens": 5}})
+    )
+    with running_app(settings) as (client, _):
+        gate = client.get("/admin/adapters/beta", headers=ADMIN).json()["gate"]
+        assert (gate["mode"], gate["set_by"]) == ("always", "operator")

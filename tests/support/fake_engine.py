@@ -10,9 +10,10 @@ any LoRA, a prompt containing "[refuse]" is answered "I'm sorry:0 I'm sorry:1 ..
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,14 +106,10 @@ class FakeEngine:
             if self.fail_with is not None:
                 error, self.fail_with = self.fail_with, None
                 raise error
-            self.in_flight += 1
-            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:  # vLLM validates requests: a 400 for what it cannot take
                 return await answer(request)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:
                 return vllm_error(f"invalid request: {exc}", 400)
-            finally:
-                self.in_flight -= 1
 
         async def answer(request: Request):
             body = await request.json()
@@ -134,7 +131,8 @@ class FakeEngine:
                     self._events(body, chat, tag, max_tokens, request),
                     media_type="text/event-stream",
                 )
-            await asyncio.sleep(self.token_delay * max_tokens)
+            with self._generating():
+                await asyncio.sleep(self.token_delay * max_tokens)
             text = "".join(f"{tag}:{i} " for i in range(max_tokens))
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             usage = {"prompt_tokens": 3, "completion_tokens": max_tokens}
@@ -159,22 +157,33 @@ class FakeEngine:
 
         return app
 
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[None]:
+        """Count a request as in flight in the engine while its tokens are being made."""
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
     async def _events(
         self, body: dict[str, Any], chat: bool, tag: str, max_tokens: int, request: Request
     ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         try:
-            for i in range(max_tokens):
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                piece = f"{tag}:{i} "
-                choice = {"delta": {"content": piece}} if chat else {"text": piece}
-                last = i == max_tokens - 1
-                chunk = {"id": "fake", "object": kind, "model": body["model"]}
-                chunk["choices"] = [
-                    {"index": 0, **choice, "finish_reason": "length" if last else None}
-                ]
-                yield f"data: {json.dumps(chunk)}\n\n"
+            with self._generating():
+                for i in range(max_tokens):
+                    if self.token_delay:
+                        await asyncio.sleep(self.token_delay)
+                    piece = f"{tag}:{i} "
+                    choice = {"delta": {"content": piece}} if chat else {"text": piece}
+                    last = i == max_tokens - 1
+                    chunk = {"id": "fake", "object": kind, "model": body["model"]}
+                    chunk["choices"] = [
+                        {"index": 0, **choice, "finish_reason": "length" if last else None}
+                    ]
+                    yield f"data: {json.dumps(chunk)}\n\n"
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 3, "completion_tokens": max_tokens}
                 chunk = {"id": "fake", "object": kind, "model": body["model"], "choices": []}

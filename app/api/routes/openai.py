@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
-from app.api.deps import Caller, State
+from app.api.deps import Caller, ServedCall, State
 from app.errors import Unavailable
 from app.serving import front
 from app.serving.proxy import forward
@@ -35,8 +35,8 @@ async def list_models(state: State, caller: Caller) -> dict[str, Any]:
     return {"object": "list", "data": cards}
 
 
-async def _served(request: Request, state: State, caller: Caller) -> Response:
-    return await front.serve(state, caller, request)
+async def _served(request: Request, state: State, call: ServedCall) -> Response:
+    return await front.serve(state, request, call)
 
 
 for _path in sorted(front.POLICY_ROUTES):
