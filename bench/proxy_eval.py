@@ -2,7 +2,7 @@
 
 The same prompt sets (`app.factory.sets.build_sets`: options paired by position, whole files
 unless a patch trained on them), judge, scoring (`score_entry`), source marking
-(`mark_sources`) and KL (`mean_kls`) as the shipped evaluation; only generation differs:
+(`mark_sources`) and KL (`prompt_kls`) as the shipped evaluation; only generation differs:
 transformers in fp32 instead of vLLM (greedy tokens match vLLM's in fp32), which on a busy
 shared CPU is several times faster than the CPU engine with LoRA. Prints the evaluation's table
 and, with --json, writes its report. Without --prompts it scores the dev sets of
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.factory.evaluate import BASE, EvalConfig, Outputs, mark_sources, mean_kls, score_entry
+from app.factory.evaluate import BASE, EvalConfig, Outputs, mark_sources, prompt_kls, score_entry
+from app.factory.gating import PromptKL
 from app.factory.judge import default_judge
 from app.factory.preserve import greedy_targets
 from app.factory.report import build_report, format_table, write_json
@@ -91,12 +92,14 @@ def main() -> None:
                 model, tokenizer, prompt_set.prompts, args.max_tokens
             )
         kls = (
-            mean_kls(model_dir, configs, prompt_set.prompts, outputs[BASE].token_ids)
+            prompt_kls(model_dir, configs, prompt_set.prompts, outputs[BASE].token_ids)
             if prompt_set.kind == "benign" and not args.no_kl
             else {}
         )
         entries += [
-            score_entry(c.name, prompt_set, outputs[c.name], outputs[BASE], judge, kls.get(c.name))
+            score_entry(
+                c.name, prompt_set, outputs[c.name], outputs[BASE], judge, _mean(kls.get(c.name))
+            )
             | {"responses": outputs[c.name].texts}
             for c in configs
         ]
@@ -115,3 +118,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _mean(kl: PromptKL | None) -> float | None:
+    return kl.mean() if kl is not None else None

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from app.config import Settings
+from app.patches.gate import MODES, Mode
 
 
 def evaluate(
@@ -72,8 +73,20 @@ def evaluate(
         ),
     ] = None,
     mode: Annotated[
-        str, typer.Option(help="How patches are applied for the capability check: always-on.")
-    ] = "always-on",
+        list[str] | None,
+        typer.Option(
+            "--mode",
+            help="gated | always (always-on: alias), repeatable; default both. Gated numbers "
+            "are derived from the same engine pass (app/factory/gating.py).",
+        ),
+    ] = None,
+    calibrate_gate: Annotated[
+        bool,
+        typer.Option(
+            help="Calibrate each patch's gate (probe_tokens) on the sets it never trained on and "
+            "store it in its safepatch.json (with --store); a gate block set by hand is kept."
+        ),
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report.")] = None,
     plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart.")] = None,
     model: Annotated[
@@ -85,10 +98,12 @@ def evaluate(
     ] = True,
 ) -> None:
     """Evaluate the base model, each --patch and each --stack on each --prompts set."""
-    from app.factory.evaluate import build_configs, stored_patches, temp_work_dir
+    from app.factory.calibrate import store_gates, summary
+    from app.factory.evaluate import EvalRun, build_configs, stored_patches, temp_work_dir
     from app.factory.evaluate import evaluate as run_evaluation
     from app.factory.judge import default_judge, load_judge
     from app.factory.report import build_report, format_table, plot, store_in_patches, write_json
+    from app.factory.scoring import resolve_gates
     from app.factory.sets import build_sets, patch_trainings, store_trainings, trained_files
     from app.model.default_model import resolve_model_dir
     from app.model.identity import model_identity
@@ -98,8 +113,7 @@ def evaluate(
         raise typer.BadParameter("--split must be dev, train or all")
     if not prompts and capability is None:
         raise typer.BadParameter("give --prompts and/or --capability")
-    if mode != "always-on":
-        raise typer.BadParameter("--mode: only always-on patches exist so far (gated: to come)")
+    modes = parse_modes(mode)
     try:
         judge = load_judge(judge_name) if judge_name else default_judge()
     except (ValueError, ImportError, AttributeError) as exc:
@@ -119,18 +133,26 @@ def evaluate(
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
         model_dir = resolve_model_dir(settings, model)
-        entries = (
+        run = (
             run_evaluation(
-                model_dir, configs, sets, max_tokens=max_tokens, settings=settings, judge=judge
+                model_dir,
+                configs,
+                sets,
+                modes=modes,
+                calibrate=calibrate_gate,
+                max_tokens=max_tokens,
+                settings=settings,
+                judge=judge,
             )
             if sets
-            else []
+            else EvalRun([], resolve_gates(configs, sets, None, judge, calibrate=False))
         )
         capability_report = (
-            _capability(model_dir, configs, capability, capability_limit, mode)
+            _capability(model_dir, configs, capability, capability_limit, modes, run.gates)
             if capability is not None
             else None
         )
+    entries = run.entries
     report = build_report(
         entries,
         model=model_identity(model_dir),
@@ -144,8 +166,16 @@ def evaluate(
     )
     if capability_report is not None:
         report["capability"] = capability_report
+    if run.gates.records:
+        report["gates"] = {
+            name: record | {"stored_block": run.gates.blocks[name] is not None}
+            for name, record in run.gates.records.items()
+        }
     if entries:
         typer.echo(format_table(report))
+    for name, record in run.gates.records.items():
+        kept = "" if run.gates.blocks[name] else " (not stored: its gate block was set by hand)"
+        typer.echo(f"gate {name}: {summary(record)}{kept}")
     if capability_report is not None:
         from app.factory.capability import format_capability
 
@@ -160,12 +190,33 @@ def evaluate(
         stored = store_in_patches(report, stored_patches(configs))
         if stored:
             typer.echo("stored results in " + ", ".join(stored))
+        gated = store_gates(run.gates.blocks, stored_patches(configs))
+        if gated:
+            typer.echo("stored calibrated gates in " + ", ".join(gated))
+
+
+def parse_modes(values: list[str] | None) -> tuple[Mode, ...]:
+    """`--mode` values -> modes in the order given, without repeats; none -> both.
+    `always-on` is accepted for `always`."""
+    if not values:
+        return MODES
+    aliases = {"always-on": "always"}
+    modes = [aliases.get(v.strip().lower(), v.strip().lower()) for v in values]
+    unknown = [v for v, m in zip(values, modes, strict=True) if m not in MODES]
+    if unknown:
+        raise typer.BadParameter(f"--mode must be gated or always (always-on), got {unknown[0]!r}")
+    return tuple(dict.fromkeys(modes))  # type: ignore[arg-type]
 
 
 def _capability(
-    model_dir: Path, configs: list[Any], path: Path, limit: int | None, mode: str
+    model_dir: Path,
+    configs: list[Any],
+    path: Path,
+    limit: int | None,
+    modes: tuple[Mode, ...],
+    gates: Any,  # app.factory.scoring.Gates
 ) -> dict[str, Any]:
-    """Capability rows for every configuration, with the file, item count and mode."""
+    """Capability rows for every configuration and mode, with the file and item count."""
     from app.factory.capability import evaluate_capability, load_items
     from app.factory.data import resolve_path
 
@@ -173,8 +224,8 @@ def _capability(
         items = load_items(resolve_path(path), limit)
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    results = evaluate_capability(model_dir, configs, items, mode=mode)  # type: ignore[arg-type]
-    return {"file": path.name, "items": len(items), "mode": mode, "results": results}
+    results = evaluate_capability(model_dir, configs, items, modes=modes, gates=gates.by_config)
+    return {"file": path.name, "items": len(items), "modes": list(modes), "results": results}
 
 
 if __name__ == "__main__":

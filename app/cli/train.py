@@ -1,15 +1,36 @@
-"""`safepatch train`: fit a LoRA safety patch by refusal-SFT and write it into the patch store."""
+"""`safepatch train`: fit a LoRA safety patch by refusal-SFT and write it into the patch store.
+
+One option per `app.factory.config.TrainConfig` field, same name and default (read from the
+config; `tests/factory/test_train_config.py` checks the two agree). Options that take another
+form on the command line: `--prompts` (-> `harmful`, with `--column`), `--model`
+(-> `model_dir`), comma-separated `--target-modules`/`--categories`, `--layers` ranges.
+Experiments that need more than this CLI are recipes in bench/experiments/.
+"""
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from app.config import Settings
+from app.factory.config import TrainConfig, config_fields
+
+# CLI name -> TrainConfig field, where they differ
+RENAMED = {"prompts": "harmful", "model": "model_dir"}
+CLI_ONLY = {"column"}  # folded into the prompt sources
+NOT_ON_CLI = {"command", "cache_dir"}  # set from the invocation and the settings
+
+
+def _default(name: str) -> Any:
+    field = config_fields()[name]
+    factory = field.default_factory
+    return factory() if callable(factory) else field.default
 
 
 def _layers(value: str | None) -> list[int] | None:
@@ -30,7 +51,11 @@ def _command() -> str:
     return "safepatch train " + shlex.join(args)
 
 
-def train(
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def build_config(
     prompts: Annotated[
         list[str],
         typer.Option(
@@ -42,7 +67,7 @@ def train(
     ],
     name: Annotated[str, typer.Option("--name", help="Patch name (directory in adapters_dir).")],
     column: Annotated[str | None, typer.Option(help="Prompt column for all files.")] = None,
-    mode: Annotated[str, typer.Option(help="safety-only | preserving")] = "preserving",
+    mode: Annotated[str, typer.Option(help="safety-only | preserving")] = _default("mode"),
     preserve: Annotated[
         list[str] | None,
         typer.Option(
@@ -51,26 +76,41 @@ def train(
             "mode): benign instructions, other categories' requests. Same syntax as --prompts.",
         ),
     ] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling = alpha / rank).")] = 16.0,
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module names.")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = _default("rank"),
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling = alpha / rank).")] = _default(
+        "alpha"
+    ),
+    target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")] = ",".join(
+        _default("target_modules")
+    ),
     layers: Annotated[str | None, typer.Option(help="Layers to patch, e.g. 20-29 (all).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 2e-4,
-    epochs: Annotated[float, typer.Option(help="Epochs over the refusal prompts.")] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = _default("lr"),
+    epochs: Annotated[float, typer.Option(help="Epochs over the refusal prompts.")] = _default(
+        "epochs"
+    ),
     steps: Annotated[int | None, typer.Option(help="Steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Refusal examples per step.")] = 8,
-    preserve_batch_size: Annotated[int, typer.Option(help="Preserve examples per step.")] = 8,
-    preserve_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Refusal examples per step.")] = _default(
+        "batch_size"
+    ),
+    preserve_batch_size: Annotated[
+        int, typer.Option(help="Preserve examples per step.")
+    ] = _default("preserve_batch_size"),
+    preserve_weight: Annotated[float, typer.Option(help="Weight of the KL term.")] = _default(
+        "preserve_weight"
+    ),
     margin_weight: Annotated[
         float,
         typer.Option(
             help="Preserving mode: weight of the margin hinge that keeps each base greedy "
             "token the patched model's argmax (0: off). See app/factory/preserve.py."
         ),
-    ] = 0.0,
-    preserve_tokens: Annotated[int, typer.Option(help="Base response tokens to keep.")] = 32,
+    ] = _default("margin_weight"),
+    preserve_tokens: Annotated[int, typer.Option(help="Base response tokens to keep.")] = _default(
+        "preserve_tokens"
+    ),
+    kl_top_k: Annotated[
+        int, typer.Option(help="Base tokens per position in the training KL (top-k).")
+    ] = _default("kl_top_k"),
     selective_dims: Annotated[
         int,
         typer.Option(
@@ -78,7 +118,7 @@ def train(
             "prompts have the most energy relative to benign ones (0: off). See "
             "app/factory/selective.py."
         ),
-    ] = 0,
+    ] = _default("selective_dims"),
     selective_tail: Annotated[
         int,
         typer.Option(
@@ -86,29 +126,19 @@ def train(
             "tokens (end of the request and the assistant header, where refusal is decided); "
             "0: all its tokens."
         ),
-    ] = 0,
-    selective_against: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--selective-against",
-            help="With --selective-dims: requests the patch must leave alone (e.g. other "
-            "categories' harmful ones; also pass them to --preserve). Their last "
-            "--selective-tail tokens count as one benign group of their own, so the chosen "
-            "inputs stay quiet on them however few they are. Same syntax as --prompts.",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed (templates, shuffles, init).")] = 0,
+    ] = _default("selective_tail"),
+    seed: Annotated[int, typer.Option(help="Seed (templates, shuffles, init).")] = _default("seed"),
     refusal_category: Annotated[
         str | None, typer.Option(help="Use this category's refusal reasons (e.g. cyber).")
     ] = None,
-    refusal_tokens: Annotated[
-        int,
+    calibrate_gate: Annotated[
+        bool,
         typer.Option(
-            help="Train only each refusal's first N tokens; the model's own continuation "
-            "finishes it (0: the whole refusal)."
+            help="At the end, calibrate the patch's gate (probe_tokens) on the dev split of the "
+            "training sources and store it (gate block, mode gated). See app/factory/calibrate.py."
         ),
-    ] = 0,
-    description: Annotated[str, typer.Option(help="Patch description.")] = "",
+    ] = _default("calibrate_gate"),
+    description: Annotated[str, typer.Option(help="Patch description.")] = _default("description"),
     categories: Annotated[str, typer.Option(help="Comma-separated categories.")] = "",
     model: Annotated[
         Path | None,
@@ -122,8 +152,8 @@ def train(
     ] = None,
 ) -> None:
     """Train a LoRA safety patch (refusal-SFT) and write it with its metadata."""
+    options = {k: v for k, v in locals().items() if k in config_fields()}  # same-named fields
     from app.factory.data import parse_source
-    from app.factory.train import TrainConfig, train_patch
     from app.model.default_model import resolve_model_dir
     from app.patches.validation import validate_name
 
@@ -131,43 +161,43 @@ def train(
     validate_name(name)
     if mode not in ("safety-only", "preserving"):
         raise typer.BadParameter("--mode must be safety-only or preserving")
-    model_dir = resolve_model_dir(settings, model)
-    config = TrainConfig(
-        model_dir=Path(model_dir),
-        out_dir=out_dir or settings.adapters_dir / name,
-        name=name,
-        harmful=[parse_source(s, column=column, split="train") for s in prompts],
-        preserve=[parse_source(s, split="train") for s in preserve or []],
-        mode=mode,  # type: ignore[arg-type]
-        rank=rank,
-        alpha=alpha,
-        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
-        layers=_layers(layers),
-        lr=lr,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        preserve_batch_size=preserve_batch_size,
-        preserve_weight=preserve_weight,
-        margin_weight=margin_weight,
-        preserve_tokens=preserve_tokens,
-        selective_dims=selective_dims,
-        selective_tail=selective_tail,
-        selective_against=[parse_source(s, split="train") for s in selective_against or []],
-        seed=seed,
-        refusal_category=refusal_category,
-        refusal_tokens=refusal_tokens,
-        description=description,
-        categories=[c for c in categories.split(",") if c],
-        command=_command(),
-        cache_dir=settings.cache_dir,
-        threads=threads,
+    return TrainConfig(
+        **options
+        | {
+            "model_dir": Path(resolve_model_dir(settings, model)),
+            "out_dir": out_dir or settings.adapters_dir / name,
+            "harmful": [parse_source(s, column=column, split="train") for s in prompts],
+            "preserve": [parse_source(s, split="train") for s in preserve or []],
+            "target_modules": _csv(target_modules),
+            "layers": _layers(layers),
+            "categories": _csv(categories),
+            "command": _command(),
+            "cache_dir": settings.cache_dir,
+        }
     )
-    result = train_patch(config)
+
+
+@functools.wraps(build_config)  # the same options (typer reads the wrapped signature)
+def train(*args: Any, **kwargs: Any) -> None:
+    from app.factory.train import train_patch
+
+    report(train_patch(build_config(*args, **kwargs)))
+
+
+def report(result: Any) -> None:  # app.factory.train.TrainResult
     typer.echo(
         f"wrote {result.out_dir} ({result.steps} steps, {result.seconds:.0f} s); "
         f"refusal loss {result.initial_loss:.3f} -> {result.final_loss:.3f}"
     )
+
+
+def config_from_args(args: list[str], command: str) -> TrainConfig:
+    """`safepatch train` options -> TrainConfig, without training: for recipes
+    (bench/experiments/) that add a step of their own; `command` is what reproduces the run."""
+    app = typer.Typer(add_completion=False)
+    app.command()(build_config)
+    config = typer.main.get_command(app).main(args, standalone_mode=False)
+    return replace(config, command=command)
 
 
 if __name__ == "__main__":

@@ -15,26 +15,31 @@ the same items, the paired difference d_i = correct_patch − correct_base has m
 standard error sd(d)/√n, reported as Δ ± 1.96·SE in points. Paired, it is far tighter than the
 difference of two independent intervals, because most items are answered the same way.
 
-`mode` is the hook for how a patch is applied: `always-on` (the LoRA acts on every token) is
-what exists; `gated` (the patch only where its gate fires) will plug in here when gated patches
-exist, and is refused until then.
+Modes (`app.patches.gate.Mode`): `always` — the LoRA acts on every token; `gated` — per item,
+the patch's gate probes the item's context as the served prompt would be probed (the patched
+model's greedy first `probe_tokens` tokens after the context, plain text as scored, through
+transformers + peft) and the item is scored with the patched log-likelihoods where the gate
+fires and with the base's everywhere else. A probe costs `probe_tokens` greedy steps per item
+and configuration, cheap beside the 4-ending scoring; the patched endings are scored only for
+items whose gate fires. Where no gate fires, gated accuracy is the base's exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from app.factory.gating import Gate
 from app.factory.preserve import response_logprobs
+from app.patches.gate import MODES, Mode
 
-Mode = Literal["always-on", "gated"]
 Z95 = 1.959963984540054
 
 
@@ -104,10 +109,10 @@ def summarise(
     config: str,
     result: dict[str, list[bool]],
     base: dict[str, list[bool]] | None,
-    mode: Mode = "always-on",
+    mode: Mode | None = None,
 ) -> dict[str, Any]:
     """Accuracies with Wilson intervals, and the paired change against the base in points."""
-    out: dict[str, Any] = {"config": config, "mode": mode, "n": len(result["acc"])}
+    out: dict[str, Any] = {"config": config, "mode": mode or "-", "n": len(result["acc"])}
     for metric in ("acc", "acc_norm"):
         correct = sum(result[metric])
         low, high = wilson(correct, len(result[metric]))
@@ -142,11 +147,13 @@ def evaluate_capability(
     configs: Sequence[Any],  # app.factory.evaluate.EvalConfig
     items: Sequence[Item],
     *,
-    mode: Mode = "always-on",
+    modes: Sequence[Mode] = ("always",),
+    gates: Mapping[str, Gate] | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy of the base model and every configuration on `items` (base first)."""
-    if mode != "always-on":
-        raise NotImplementedError(f"mode {mode!r}: only always-on patches exist so far")
+    """Accuracy of the base model and every configuration in each mode on `items` (base
+    first); `gates[config]` is the gate a gated configuration is scored with."""
+    if not set(modes) <= set(MODES) or ("gated" in modes and gates is None):
+        raise ValueError(f"modes must be among {MODES}; gated needs the gates")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,12 +172,52 @@ def evaluate_capability(
             base = predictions(scorer, items, "capability: base")
     else:
         base = predictions(scorer, items, "capability: base")
-    rows = [summarise("base", base, None, mode)]
+    rows = [summarise("base", base, None)]
     for i, config in enumerate(patched):
         model.set_adapter(f"cap{i}")
-        result = predictions(scorer, items, f"capability: {config.name}")
-        rows.append(summarise(config.name, result, base, mode))
+        if "gated" in modes:
+            assert gates is not None
+            fires = probe_fires(model, tokenizer, items, gates[config.name])
+            chosen = [it for it, f in zip(items, fires, strict=True) if f]
+            some = predictions(scorer, chosen, f"capability: {config.name} (gated, fired)")
+            result = merge_fired(base, some, fires)
+            row = summarise(config.name, result, base, "gated")
+            rows.append(row | {"fire_rate": sum(fires) / len(fires) if fires else 0.0})
+        if "always" in modes:
+            result = predictions(scorer, items, f"capability: {config.name}")
+            rows.append(summarise(config.name, result, base, "always"))
     return rows
+
+
+@torch.no_grad()
+def probe_fires(model: Any, tokenizer: Any, items: Sequence[Item], gate: Gate) -> list[bool]:
+    """Per item: does `gate` fire on the model's greedy first `probe_tokens` tokens after the
+    context (the probe a served completion of the context would get)?"""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fires = []
+    for item in tqdm(items, desc="capability: gate probes", unit="item"):
+        ids = torch.tensor([tokenizer(item.context, add_special_tokens=False)["input_ids"]])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=gate.probe_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        fires.append(gate.fires(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+    return fires
+
+
+def merge_fired(
+    base: dict[str, list[bool]], fired_results: dict[str, list[bool]], fires: Sequence[bool]
+) -> dict[str, list[bool]]:
+    """Per metric: the patched result (in order, for the fired items) where the gate fires,
+    the base's elsewhere."""
+    out: dict[str, list[bool]] = {}
+    for metric, values in base.items():
+        patched = iter(fired_results[metric])
+        out[metric] = [next(patched) if f else v for v, f in zip(values, fires, strict=True)]
+    return out
 
 
 def format_capability(rows: Sequence[dict[str, Any]], benchmark: str) -> str:

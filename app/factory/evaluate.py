@@ -11,6 +11,9 @@ the base tokenizer's chat template exactly as in training. Per configuration × 
   teacher-forced on the base's greedy response, averaged over all response positions of the set
   (token-weighted), computed with transformers + peft on the full vocabulary.
 
+Patched configurations are scored per mode: `always` (the LoRA on every request) and `gated`,
+derived from the same pass (`app.factory.gating`), with each patch's gate calibrated on the
+sets it never trained on (`app.factory.calibrate`). Scoring is in `app.factory.scoring`.
 Stacks are built with `app.patches.stacking.combine_adapters` (exact rank concatenation).
 """
 
@@ -21,7 +24,6 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +31,32 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
+from app.factory.gating import Outputs, PromptKL
 from app.factory.judge import RefusalJudge, default_judge
 from app.factory.preserve import chat_prompt_ids, full_kl, response_logprobs
-from app.factory.sets import PromptSet, patch_trainings, source_status
+from app.factory.scoring import (
+    BASE,
+    Collected,
+    EvalConfig,
+    EvalRun,
+    mark_sources,
+    resolve_gates,
+    score_all,
+    score_entry,
+)
+from app.factory.sets import PromptSet
+from app.patches.gate import MODES, Mode
 
-BASE = "base"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    name: str  # "base", a patch name, or "a+b" for a stack
-    adapter_dir: Path | None  # None: the base model
-    patch_dirs: tuple[tuple[str, Path], ...] = ()  # (name, dir) of each stored patch it uses
-
-
-@dataclass
-class Outputs:
-    token_ids: list[list[int]]
-    texts: list[str]
+__all__ = [
+    "BASE",
+    "EvalConfig",
+    "EvalRun",
+    "Outputs",
+    "evaluate",
+    "mark_sources",
+    "prompt_kls",
+    "score_entry",
+]
 
 
 def resolve_patch(name_or_path: str, adapters_dir: Path) -> tuple[str, Path]:
@@ -147,15 +157,16 @@ def _adapter_rank(adapter_dir: Path) -> int:
 
 
 @torch.no_grad()
-def mean_kls(
+def prompt_kls(
     model_dir: Path,
     configs: Sequence[EvalConfig],
     prompts: Sequence[str],
     base_responses: Sequence[Sequence[int]],
     *,
     batch_size: int = 8,
-) -> dict[str, float]:
-    """Token-weighted mean KL(base ‖ config) over the base's greedy responses (full vocab)."""
+) -> dict[str, PromptKL]:
+    """Per prompt: Σ_t KL(base ‖ config) over the base's greedy response (full vocabulary),
+    teacher-forced, and the response's length. `PromptKL.mean()` is the token-weighted mean."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,7 +174,7 @@ def mean_kls(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     patched = [c for c in configs if c.adapter_dir is not None]
-    totals = {c.name: 0.0 for c in configs}
+    sums = {c.name: [0.0] * len(prompts) for c in configs}
     if patched:
         model = PeftModel.from_pretrained(
             model, str(patched[0].adapter_dir), adapter_name=_slot(0)
@@ -171,26 +182,56 @@ def mean_kls(
         for i, config in enumerate(patched[1:], start=1):
             model.load_adapter(str(config.adapter_dir), adapter_name=_slot(i))
     keep = [i for i, r in enumerate(base_responses) if len(r) > 0]
-    count = 0
     for start in tqdm(range(0, len(keep), batch_size), desc="KL(base || patched)", unit="batch"):
         rows = keep[start : start + batch_size]
         prompt_ids = [chat_prompt_ids(tokenizer, prompts[i]) for i in rows]
         responses = [list(base_responses[i]) for i in rows]
         if patched:
             with model.disable_adapter():
-                base_lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
+                base_lp = response_logprobs(model, prompt_ids, responses, pad)
         else:
-            base_lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
-        count += base_lp.shape[0]
+            base_lp = response_logprobs(model, prompt_ids, responses, pad)
         for i, config in enumerate(patched):
             model.set_adapter(_slot(i))
-            lp = torch.cat(response_logprobs(model, prompt_ids, responses, pad))
-            totals[config.name] += float(full_kl(base_lp, lp).sum())
-    return {name: (total / count if count else 0.0) for name, total in totals.items()}
+            lps = response_logprobs(model, prompt_ids, responses, pad)
+            for row, b, p in zip(rows, base_lp, lps, strict=True):
+                sums[config.name][row] = float(full_kl(b, p).sum())
+    counts = [len(r) for r in base_responses]
+    return {name: PromptKL(values, counts) for name, values in sums.items()}
 
 
 def _slot(index: int) -> str:
     return f"cfg{index}"
+
+
+def collect(
+    model_dir: Path,
+    configs: Sequence[EvalConfig],
+    sets: Sequence[PromptSet],
+    *,
+    max_tokens: int,
+    settings: Settings,
+    kl_batch_size: int = 8,
+) -> Collected:
+    """One engine pass for every configuration × set, then per-prompt KL on the benign sets."""
+    from transformers import AutoTokenizer
+
+    outputs = generate(model_dir, configs, sets, max_tokens, settings)
+    kls = {
+        s.name: prompt_kls(
+            model_dir,
+            configs,
+            s.prompts,
+            outputs[(BASE, s.name)].token_ids,
+            batch_size=kl_batch_size,
+        )
+        for s in sets
+        if s.kind == "benign"
+    }
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return Collected(
+        outputs, kls, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
+    )
 
 
 def evaluate(
@@ -198,87 +239,26 @@ def evaluate(
     configs: Sequence[EvalConfig],
     sets: Sequence[PromptSet],
     *,
+    modes: Sequence[Mode] = MODES,
+    calibrate: bool = True,
     max_tokens: int = 32,
     settings: Settings | None = None,
     judge: RefusalJudge | None = None,
     kl_batch_size: int = 8,
-) -> list[dict[str, Any]]:
-    """Run everything and return the report entries (one per configuration × prompt set)."""
-    settings = settings or Settings()
+) -> EvalRun:
+    """Run everything: report entries (configuration × set × mode) and the gates (calibrated
+    where `calibrate`, see `app.factory.calibrate`)."""
     judge = judge or default_judge()
-    outputs = generate(model_dir, configs, sets, max_tokens, settings)
-    entries: list[dict[str, Any]] = []
-    for prompt_set in sets:
-        base = outputs[(BASE, prompt_set.name)]
-        kls = (
-            mean_kls(
-                model_dir, configs, prompt_set.prompts, base.token_ids, batch_size=kl_batch_size
-            )
-            if prompt_set.kind == "benign"
-            else {}
-        )
-        for config in configs:
-            out = outputs[(config.name, prompt_set.name)]
-            entries.append(
-                score_entry(config.name, prompt_set, out, base, judge, kls.get(config.name))
-            )
-    mark_sources(entries, configs, sets)
-    return entries
-
-
-def score_entry(
-    config: str,
-    prompt_set: PromptSet,
-    out: Outputs,
-    base: Outputs,
-    judge: RefusalJudge,
-    mean_kl: float | None,
-    examples: int = 3,
-) -> dict[str, Any]:
-    n = len(prompt_set.prompts)
-    if len(out.texts) != n:
-        raise ValueError("prompts and responses differ in length")
-    flags = [judge.is_refusal(p, r) for p, r in zip(prompt_set.prompts, out.texts, strict=True)]
-    entry: dict[str, Any] = {
-        "config": config,
-        "prompts": prompt_set.name,
-        "kind": prompt_set.kind,
-        "split": prompt_set.split,
-        "available": prompt_set.available,
-        "n": n,
-        "refusal_rate": sum(flags) / n if n else 0.0,
-    }
-    if any(prompt_set.categories):
-        counts: dict[str, list[int]] = {}
-        for category, flag in zip(prompt_set.categories, flags, strict=True):
-            slot = counts.setdefault(category or "(none)", [0, 0])
-            slot[0] += int(flag)
-            slot[1] += 1
-        entry["categories"] = {c: {"n": t, "refused": r} for c, (r, t) in sorted(counts.items())}
-    if prompt_set.kind == "benign":
-        same = sum(a == b for a, b in zip(out.token_ids, base.token_ids, strict=True))
-        entry["unchanged_rate"] = same / n if n else 0.0
-        entry["mean_kl"] = mean_kl
-    entry["examples"] = [
-        {"prompt": p, "response": r}
-        for p, r in zip(prompt_set.prompts[:examples], out.texts, strict=False)
-    ]
-    return entry
-
-
-def mark_sources(
-    entries: Sequence[dict[str, Any]], configs: Sequence[EvalConfig], sets: Sequence[PromptSet]
-) -> None:
-    """Add each entry's `source` status (`app.factory.sets.source_status`): whether the
-    configuration's patches never saw the set's file (held-out), saw only its other split, or
-    trained on it. The base model gets none."""
-    trainings = patch_trainings({d for c in configs for _, d in c.patch_dirs})
-    by_name = {s.name: s for s in sets}
-    members = {c.name: [trainings.get(d.name) for _, d in c.patch_dirs] for c in configs}
-    for entry in entries:
-        status = source_status(by_name[entry["prompts"]], members.get(entry["config"], []))
-        if status is not None:
-            entry["source"] = status
+    collected = collect(
+        model_dir,
+        configs,
+        sets,
+        max_tokens=max_tokens,
+        settings=settings or Settings(),
+        kl_batch_size=kl_batch_size,
+    )
+    gates = resolve_gates(configs, sets, collected, judge, calibrate=calibrate)
+    return EvalRun(score_all(configs, sets, collected, gates, modes, judge), gates)
 
 
 def temp_work_dir() -> tempfile.TemporaryDirectory[str]:

@@ -25,18 +25,14 @@ def refusal_examples(
     *,
     seed: int,
     category: str | None,
-    max_tokens: int = 0,
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, refusal ids + EOS) per prompt, the refusal from `templates.refusal_for`.
-    With `max_tokens` > 0 the refusal is cut to its first N tokens: the patch learns to
-    *start* a refusal and the model's own continuation finishes it, so the template's random
-    wording is not memorised."""
+    """(prompt ids, refusal ids + EOS) per prompt, the refusal from `templates.refusal_for`."""
     eos = tokenizer.eos_token_id
     examples = []
     for prompt in prompts:
         response = refusal_for(prompt, seed=seed, category=category)
         ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
-        examples.append((chat_prompt_ids(tokenizer, prompt), ids[: max_tokens or None]))
+        examples.append((chat_prompt_ids(tokenizer, prompt), ids))
     return examples
 
 

@@ -6,8 +6,10 @@ The JSON report is `{"created_at", "model", "judge", "max_tokens", "prompt_sets"
 file after filters), `n` (prompts scored), `refusal_rate`, `source` (patches only: `held-out`,
 `dev` or `trained`, see `app.factory.sets`), `categories` (`{category: {"n", "refused"}}` where
 the file labels them), and for benign sets `unchanged_rate` and `mean_kl` (plus a few
-`examples`). `leave_source_out` pools, per configuration, the harmful sets from files its
-patches never trained on, beside the base model on the same sets.
+`examples`); patched configurations have one entry per `mode` (`always`, `gated`: with
+`fire_rate` and `probe_tokens`, see `app.factory.scoring`). `leave_source_out` pools, per
+configuration and mode, the harmful sets from files its patches never trained on, beside the
+base model on the same sets. `gates` holds each patch's calibration run (`app.factory.calibrate`).
 `store_in_patches` writes, for every evaluated single patch, the entries of that patch and of
 the base model (and of stacks containing it) into the `evaluation` field of its
 `safepatch.json`, replacing earlier results for the same configuration and prompt set.
@@ -27,8 +29,29 @@ def build_report(entries: Sequence[dict[str, Any]], **info: Any) -> dict[str, An
         "created_at": datetime.now(timezone.utc).isoformat(),
         **info,
         "leave_source_out": leave_source_out(entries),
+        "modes": mode_summary(entries),
         "entries": list(entries),
     }
+
+
+def mode_summary(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration and mode, pooled over sets (weighted by prompts scored): harmful
+    refusal, and on benign sets over-refusal, unchanged rate, mean KL and the gate's fire rate."""
+    rows = []
+    for config, mode in dict.fromkeys((e["config"], e.get("mode")) for e in entries):
+        mine = [e for e in entries if (e["config"], e.get("mode")) == (config, mode)]
+        row: dict[str, Any] = {"config": config, **({"mode": mode} if mode else {})}
+        for kind, keys in (("harmful", ("refusal_rate",)), ("benign", BENIGN_KEYS)):
+            sets = [e for e in mine if e["kind"] == kind]
+            n = sum(e["n"] for e in sets)
+            for key in keys if n else ():
+                if all(e.get(key) is not None for e in sets):
+                    row[f"{kind}_{key}"] = sum(e[key] * e["n"] for e in sets) / n
+        rows.append(row)
+    return rows
+
+
+BENIGN_KEYS = ("refusal_rate", "unchanged_rate", "mean_kl", "fire_rate")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -40,17 +63,22 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
 
 
+def _kl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Fixed-width tables: one row per configuration × prompt set, then leave-source-out."""
     rows = [
-        ("config", "prompts", "kind", "split", "scored/in file", "source")
-        + ("refusal", "unchanged", "mean KL")
+        ("config", "mode", "prompts", "kind", "split", "scored/in file", "source")
+        + ("refusal", "unchanged", "mean KL", "gate fires")
     ]
     for e in report["entries"]:
         kl = e.get("mean_kl")
         rows.append(
             (
                 e["config"],
+                e.get("mode", "-"),
                 e["prompts"],
                 e["kind"],
                 e.get("split", "-"),
@@ -58,24 +86,47 @@ def format_table(report: dict[str, Any]) -> str:
                 e.get("source", "-"),
                 _pct(e["refusal_rate"]),
                 _pct(e.get("unchanged_rate")),
-                "-" if kl is None else f"{kl:.4f}",
+                _kl(kl),
+                _pct(e.get("fire_rate")),
             )
         )
     lines = _fixed(rows)
     if report.get("judge"):
         lines.insert(0, f"judge: {report['judge']}")
+    lines += ["", "modes (pooled over sets; benign mean KL weighted by prompts):"]
+    lines += _fixed(
+        [("config", "mode", "harmful refusal", "over-refusal", "unchanged", "mean KL", "fires")]
+        + [
+            (r["config"], r.get("mode", "-"), _pct(r.get("harmful_refusal_rate")))
+            + (_pct(r.get("benign_refusal_rate")), _pct(r.get("benign_unchanged_rate")))
+            + (_kl(r.get("benign_mean_kl")), _pct(r.get("benign_fire_rate")))
+            for r in report.get("modes") or mode_summary(report["entries"])
+        ]
+    )
     pooled = report.get("leave_source_out") or leave_source_out(report["entries"])
     if pooled:
         lines += ["", "leave-source-out (harmful sets from files the patch never trained on):"]
         lines += _fixed(
-            [("config", "held-out sets", "n", "refusal", "base")]
+            [("config", "mode", "held-out sets", "n", "refusal", "base")]
             + [
-                (r["config"], ", ".join(r["sets"]), str(r["n"]), _pct(r["refusal_rate"]))
-                + (_pct(r["base_refusal_rate"]),)
+                (r["config"], r.get("mode", "-"), ", ".join(r["sets"]), str(r["n"]))
+                + (_pct(r["refusal_rate"]), _pct(r["base_refusal_rate"]))
                 for r in pooled
             ]
         )
     return "\n".join(lines)
+
+
+def label(entry: dict[str, Any]) -> str:
+    """`config` for the base model, `config (mode)` for a patched configuration."""
+    return f"{entry['config']} ({entry['mode']})" if entry.get("mode") else entry["config"]
+
+
+def entry_key(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """An entry's identity: configuration, prompt set and mode (stored results before modes
+    existed were always-on)."""
+    mode = entry.get("mode") or ("always" if entry.get("config") != "base" else "")
+    return (entry.get("config", ""), entry.get("prompts", ""), mode)
 
 
 def _fixed(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -86,15 +137,18 @@ def _fixed(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def leave_source_out(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per patched configuration: refusal pooled over its held-out harmful sets (weighted by
-    prompts scored), and the base model's on the same sets."""
+    """Per patched configuration and mode: refusal pooled over its held-out harmful sets
+    (weighted by prompts scored), and the base model's on the same sets."""
     base = {e["prompts"]: e for e in entries if e["config"] == "base"}
     out = []
-    for config in dict.fromkeys(e["config"] for e in entries if e["config"] != "base"):
+    patched = [(e["config"], e.get("mode")) for e in entries if e["config"] != "base"]
+    for config, mode in dict.fromkeys(patched):
         held = [
             e
             for e in entries
-            if e["config"] == config and e["kind"] == "harmful" and e.get("source") == "held-out"
+            if (e["config"], e.get("mode")) == (config, mode)
+            and e["kind"] == "harmful"
+            and e.get("source") == "held-out"
         ]
         if not held:
             continue
@@ -104,6 +158,7 @@ def leave_source_out(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {
                 "config": config,
+                **({"mode": mode} if mode else {}),
                 "sets": [e["prompts"] for e in held],
                 "n": n,
                 "refusal_rate": refused / n,
@@ -115,16 +170,17 @@ def leave_source_out(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
-        "| config | prompts | kind | split | n | source | refusal | unchanged | mean KL |",
-        "|---|---|---|---|---:|---|---:|---:|---:|",
+        "| config | mode | prompts | kind | split | n | source | refusal | unchanged | mean KL "
+        "| gate fires |",
+        "|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for e in report["entries"]:
         kl = e.get("mean_kl")
         lines.append(
-            f"| {e['config']} | {e['prompts']} | {e['kind']} | {e.get('split', '-')} | "
-            f"{e['n']} | {e.get('source', '-')} | {_pct(e['refusal_rate']).strip()} | "
-            f"{_pct(e.get('unchanged_rate')).strip()} | "
-            f"{'-' if kl is None else f'{kl:.4f}'} |"
+            f"| {e['config']} | {e.get('mode', '-')} | {e['prompts']} | {e['kind']} | "
+            f"{e.get('split', '-')} | {e['n']} | {e.get('source', '-')} | "
+            f"{_pct(e['refusal_rate']).strip()} | {_pct(e.get('unchanged_rate')).strip()} | "
+            f"{'-' if kl is None else f'{kl:.4f}'} | {_pct(e.get('fire_rate')).strip()} |"
         )
     return "\n".join(lines)
 
@@ -136,7 +192,7 @@ def category_table(report: dict[str, Any]) -> str:
         if e["kind"] != "harmful":
             continue
         for category, c in (e.get("categories") or {}).items():
-            slot = totals.setdefault((e["config"], category), [0, 0])
+            slot = totals.setdefault((label(e), category), [0, 0])
             slot[0] += c["refused"]
             slot[1] += c["n"]
     configs = list(dict.fromkeys(c for c, _ in totals))
@@ -156,17 +212,18 @@ def category_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: refusal rate per prompt set (left), benign unchanged rate (right)."""
+    """Grouped bars: refusal rate per prompt set (left), benign unchanged rate (right); one bar
+    per configuration and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     entries = report["entries"]
-    configs = list(dict.fromkeys(e["config"] for e in entries))
+    configs = list(dict.fromkeys(label(e) for e in entries))
     sets = list(dict.fromkeys(e["prompts"] for e in entries))
     benign = [s for s in sets if any(e["prompts"] == s and e["kind"] == "benign" for e in entries)]
-    value = {(e["config"], e["prompts"]): e for e in entries}
+    value = {(label(e), e["prompts"]): e for e in entries}
     fig, axes = plt.subplots(
         1, 2 if benign else 1, figsize=(13 if benign else 8, 4.5), squeeze=False
     )
@@ -197,9 +254,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> list[str]:
     """Write each patch's slice of the report into its safepatch.json; returns the names.
 
-    Entries are merged by (config, prompts): a new result replaces the stored one for the same
-    configuration and prompt set, results for other prompt sets are kept (each entry carries the
-    `created_at` of the run that produced it)."""
+    Entries are merged by (config, prompts, mode): a new result replaces the stored one for the
+    same configuration, prompt set and mode, other results are kept (each entry carries the
+    `created_at` of the run that produced it). The patch's latest gate calibration run is kept
+    in `gate_calibration` (the block itself is written by `app.factory.calibrate.store_gates`)."""
     from app.patches.metadata import PatchMetadata
 
     stored = []
@@ -213,15 +271,19 @@ def store_in_patches(report: dict[str, Any], patch_dirs: Mapping[str, Path]) -> 
             for e in report["entries"]
             if e["config"] in ("base", name) or name in e["config"].split("+")
         ]
-        keys = {(e["config"], e["prompts"]) for e in fresh}
+        keys = {entry_key(e) for e in fresh}
         old = (metadata.evaluation or {}).get("entries", [])
         old_capability = (metadata.evaluation or {}).get("capability")
-        kept = [e for e in old if (e.get("config"), e.get("prompts")) not in keys]
-        run_wide = ("entries", "prompt_sets", "leave_source_out", "capability")
+        old_calibration = (metadata.evaluation or {}).get("gate_calibration")
+        kept = [e for e in old if entry_key(e) not in keys]
+        run_wide = ("entries", "prompt_sets", "leave_source_out", "capability", "gates")
         previous = {k: v for k, v in (metadata.evaluation or {}).items() if k not in run_wide}
         latest = {k: v for k, v in report.items() if k not in run_wide}
         # a capability-only run leaves the refusal results' run fields as they were
         metadata.evaluation = (latest if fresh else previous) | {"entries": kept + fresh}
+        calibration = (report.get("gates") or {}).get(name) or old_calibration
+        if calibration:  # this patch's latest calibration run
+            metadata.evaluation["gate_calibration"] = calibration
         if "capability" in report:  # base, this patch and its stacks; replaces the last check
             capability = report["capability"]
             metadata.evaluation["capability"] = capability | {

@@ -22,9 +22,9 @@ which the benign activations of a small model do not have. The saved adapter is 
 
 Benign positions are the prompt *and* the base model's own response (the tokens the patch
 must not disturb while answering); harmful positions are the request's prompt tokens, where
-the decision to refuse is made. Requests the patch must leave alone (a category patch's other
-categories, `safepatch train --selective-against`) can join C_b as one more group of their
-last tokens, weighted like the rest however few they are.
+the decision to refuse is made. `selective_moments` sums groups, so a recipe can add one more
+benign group (bench/experiments/selective_against.py: other categories' requests, their last
+tokens, weighted like the rest however few they are).
 """
 
 from __future__ import annotations
@@ -206,37 +206,30 @@ def cached_moments(
     pad_id: int,
     cache_root: Path | None,
     cache_salt: str,
-    against: Sequence[Sequence[int]] = (),
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`selective_moments` of harmful prompts (their last `tail` tokens; 0: all) against benign
     (prompt, base response) pairs (every position, plus the prompts' last `tail` tokens when
-    tail > 0) and, when given, `against` prompts (their last `tail` tokens: requests the patch
-    must leave alone, e.g. other categories' harmful ones, weighted as one whole group however
-    few they are among the benign prompts), cached on disk by everything it depends on: the
-    pass takes minutes on a CPU."""
+    tail > 0), cached on disk by everything it depends on: the pass takes minutes on a CPU."""
     sequences = [list(p) + list(r) for p, r in benign]
-    extra = [against] if against else []  # keeps the cache key of runs without it unchanged
     key = hashlib.sha256(
-        json.dumps(
-            [cache_salt, harmful, sequences, sorted(names), tail, MOMENTS_VERSION, *extra]
-        ).encode()
+        json.dumps([cache_salt, harmful, sequences, sorted(names), tail, MOMENTS_VERSION]).encode()
     ).hexdigest()[:24]
     cache = cache_root / f"{key}.pt" if cache_root is not None else None
     if (moments := load_cached(cache)) is not None:
         return moments
-
-    def tails(seqs: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        return [(max(0, len(s) - tail) if tail else 0, len(s)) for s in seqs]
-
     prompts = [p for p, _ in benign]
     moments = selective_moments(
         model,
         names,
-        [(harmful, tails(harmful))],
+        [(harmful, tails(harmful, tail))],
         [(sequences, [(0, len(s)) for s in sequences])]
-        + ([(prompts, tails(prompts))] if tail else [])
-        + ([(against, tails(against))] if against else []),
+        + ([(prompts, tails(prompts, tail))] if tail else []),
         pad_id,
     )
     save_cached(moments, cache)
     return moments
+
+
+def tails(seqs: Sequence[Sequence[int]], tail: int) -> list[tuple[int, int]]:
+    """Counted spans: each sequence's last `tail` positions (0: all of them)."""
+    return [(max(0, len(s) - tail) if tail else 0, len(s)) for s in seqs]

@@ -13,6 +13,10 @@ cross-entropy on the response tokens only (prompt tokens are context). Modes:
 
 Each step draws `batch_size` refusal examples and, in preserving mode, `preserve_batch_size`
 preserve examples, cycling through seeded shuffles of each pool.
+
+`train_patch` is three steps a recipe can also call one by one (bench/experiments/):
+`prepare` (data, base targets, the LoRA model, harm-selective inputs), `fit` (the loop) and
+`finish` (refusal loss after, gate calibration, `app.factory.writer.write_patch`).
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from app.factory.cache import load_cached, save_cached
-from app.factory.data import PromptSource, file_sha256, load_prompts, normalise
+from app.factory.config import TrainConfig
+from app.factory.data import file_sha256, load_prompts, normalise
 from app.factory.losses import preserve_loss, refusal_examples, refusal_loss
-from app.factory.preserve import GreedyTarget, chat_prompt_ids, greedy_targets
+from app.factory.preserve import GreedyTarget, greedy_targets
 from app.factory.selective import (
     cached_moments,
     constrain_lora_inputs,
@@ -41,50 +47,7 @@ from app.factory.selective import (
 )
 from app.factory.writer import write_patch
 
-Mode = Literal["safety-only", "preserving"]
-DEFAULT_TARGET_MODULES = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
-
-
-@dataclass
-class TrainConfig:
-    model_dir: Path
-    out_dir: Path
-    name: str
-    harmful: list[PromptSource]
-    preserve: list[PromptSource] = field(default_factory=list)
-    mode: Mode = "preserving"
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    layers: list[int] | None = None
-    lr: float = 2e-4
-    epochs: float = 1.0
-    steps: int | None = None
-    batch_size: int = 8
-    preserve_batch_size: int = 8
-    preserve_weight: float = 1.0
-    margin_weight: float = 0.0  # >0: add margin_weight × mean margin hinge (preserve.py)
-    preserve_tokens: int = 32
-    kl_top_k: int = 64
-    selective_dims: int = 0  # >0: keep LoRA A in the top harm-selective input directions
-    selective_tail: int = 0  # >0: harmful moments from each prompt's last N tokens only
-    selective_against: list[PromptSource] = field(default_factory=list)  # quiet on these too
-    seed: int = 0
-    refusal_category: str | None = None
-    refusal_tokens: int = 0  # >0: the refusal loss covers only each response's first N tokens
-    description: str = ""
-    categories: list[str] = field(default_factory=list)
-    command: str = ""
-    cache_dir: Path | None = None
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+Example = tuple[list[int], list[int]]  # (prompt ids, refusal ids)
 
 
 @dataclass
@@ -95,6 +58,19 @@ class TrainResult:
     final_loss: float  # the same probe after training
     losses: list[float]
     seconds: float
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs: the LoRA model, its tokenizer and data."""
+
+    model: Any  # peft model, LoRA A possibly constrained to harm-selective inputs
+    tokenizer: Any
+    pad_id: int
+    examples: list[Example]
+    targets: list[GreedyTarget]
+    lora_inputs: list[tuple[torch.nn.Module, torch.Tensor]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
 
 def targets_cache_dir(config: TrainConfig) -> Path | None:
@@ -140,7 +116,7 @@ def _cached_targets(
     return [found[p] for p in prompts]
 
 
-def _cycle(items: list[Any], batch: int, rng: random.Random):  # -> Iterator[list[Any]]
+def _cycle(items: list[Any], batch: int, rng: random.Random) -> Iterator[list[Any]]:
     order: list[Any] = []
     while True:
         if len(order) < batch:
@@ -153,31 +129,28 @@ def _cycle(items: list[Any], batch: int, rng: random.Random):  # -> Iterator[lis
 
 def train_patch(config: TrainConfig) -> TrainResult:
     """Train, then write `config.out_dir` (PEFT adapter + safepatch.json + README.md)."""
+    setup = prepare(config)
+    return finish(config, setup, fit(config, setup))
+
+
+def prepare(config: TrainConfig) -> Setup:
+    """Load the model and data, build refusal examples and base targets, wrap the LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.monotonic()
-    if config.selective_against and not config.selective_dims:  # before minutes of set-up
-        raise ValueError("--selective-against needs --selective-dims")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
-
     harmful = _dedup(p for src in config.harmful for p in load_prompts(src))
     if not harmful:
         raise ValueError("no harmful training prompts after filtering and splitting")
     examples = refusal_examples(
-        tokenizer,
-        harmful,
-        seed=config.seed,
-        category=config.refusal_category,
-        max_tokens=config.refusal_tokens,
+        tokenizer, harmful, seed=config.seed, category=config.refusal_category
     )
     targets: list[GreedyTarget] = []
     if config.mode == "preserving":
@@ -185,7 +158,6 @@ def train_patch(config: TrainConfig) -> TrainResult:
         if not preserve:
             raise ValueError("preserving mode needs preserve prompts (--preserve FILE)")
         targets = _cached_targets(config, model, tokenizer, preserve)
-
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -195,41 +167,38 @@ def train_patch(config: TrainConfig) -> TrainResult:
         task_type="CAUSAL_LM",
         init_lora_weights=True,
     )
-    model = get_peft_model(model, lora)
-    lora_inputs = (
-        _selective_lora_inputs(config, model, tokenizer, examples, targets, pad_id)
-        if config.selective_dims
-        else []
-    )
-    constrain_lora_inputs(lora_inputs, config.seed)  # before the optimiser sees the params
+    setup = Setup(get_peft_model(model, lora), tokenizer, pad_id, examples, targets)
+    if config.selective_dims:
+        setup.lora_inputs = selective_lora_inputs(config, setup)
+    constrain_lora_inputs(setup.lora_inputs, config.seed)  # before the optimiser sees them
+    return setup
+
+
+def fit(config: TrainConfig, setup: Setup) -> list[float]:
+    """The training loop (AdamW, warm-up then linear decay); returns the loss per step."""
+    model, pad_id = setup.model, setup.pad_id
+    rng = random.Random(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    steps = config.steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
+    steps = config.steps or max(
+        1, math.ceil(config.epochs * len(setup.examples) / config.batch_size)
+    )
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps)
     )
-    probe = examples[: min(len(examples), 16)]
-
-    model.eval()
-    with torch.no_grad():
-        initial = float(refusal_loss(model, probe, pad_id))
+    harm = _cycle(setup.examples, min(config.batch_size, len(setup.examples)), rng)
+    keep = _cycle(setup.targets, min(config.preserve_batch_size, len(setup.targets)), rng)
     model.train()
-    harm_batches = _cycle(examples, min(config.batch_size, len(examples)), rng)
-    keep_batches = (
-        _cycle(targets, min(config.preserve_batch_size, len(targets)), rng) if targets else None
-    )
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"training {config.name} ({config.mode})", unit="step")
     for _ in bar:
-        ce = refusal_loss(model, next(harm_batches), pad_id)
-        loss = ce
-        postfix = {"ce": f"{ce.item():.3f}"}
-        if keep_batches is not None:
-            kl, hinge = preserve_loss(model, next(keep_batches), pad_id)
+        ce = refusal_loss(model, next(harm), pad_id)
+        loss, postfix = ce, {"ce": f"{ce.item():.3f}"}
+        if setup.targets:
+            kl, hinge = preserve_loss(model, next(keep), pad_id)
             loss = ce + config.preserve_weight * kl + config.margin_weight * hinge
-            postfix["kl"] = f"{kl.item():.4f}"
-            postfix["hinge"] = f"{hinge.item():.4f}"
+            postfix |= {"kl": f"{kl.item():.4f}", "hinge": f"{hinge.item():.4f}"}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,45 +207,71 @@ def train_patch(config: TrainConfig) -> TrainResult:
         losses.append(loss.item())
         bar.set_postfix(postfix)
     model.eval()
+    return losses
+
+
+def finish(config: TrainConfig, setup: Setup, losses: list[float], **extra: Any) -> TrainResult:
+    """Refusal loss before/after on a fixed probe, the gate's calibration on the dev split,
+    then the patch on disk; `extra` joins the metadata's training record (recipes)."""
+    from app.factory.calibrate import calibrate_trained
+
+    initial = _initial_loss(config, setup)
     with torch.no_grad():
-        final = float(refusal_loss(model, probe, pad_id))
-    materialise_lora_inputs(m for m, _ in lora_inputs)
-    seconds = time.monotonic() - started
-    write_patch(config, model, steps, initial, final, seconds, len(examples), len(targets))
-    return TrainResult(config.out_dir, steps, initial, final, losses, seconds)
+        final = float(refusal_loss(setup.model, _probe(setup), setup.pad_id))
+    materialise_lora_inputs(m for m, _ in setup.lora_inputs)
+    gate = (
+        calibrate_trained(config, setup.model, setup.tokenizer) if config.calibrate_gate else None
+    )
+    seconds = time.monotonic() - setup.started
+    data_files = sorted({str(src.path) for src in config.harmful + config.preserve})
+    record = {
+        "steps": len(losses),
+        "n_harmful": len(setup.examples),
+        "n_preserve": len(setup.targets),
+        "data_sha256": {f: file_sha256(Path(f)) for f in data_files},
+        "initial_refusal_loss": round(initial, 4),
+        "final_refusal_loss": round(final, 4),
+        "training_seconds": round(seconds, 1),
+        "torch": torch.__version__,
+    }
+    write_patch(config, setup.model, record | extra, gate)
+    return TrainResult(config.out_dir, len(losses), initial, final, losses, seconds)
 
 
-def _selective_lora_inputs(
-    config: TrainConfig,
-    model: Any,
-    tokenizer: Any,
-    examples: list[tuple[list[int], list[int]]],
-    targets: list[GreedyTarget],
-    pad_id: int,
+def _probe(setup: Setup) -> list[Example]:
+    return setup.examples[: min(len(setup.examples), 16)]
+
+
+def _initial_loss(config: TrainConfig, setup: Setup) -> float:
+    """The probe's refusal loss of the untrained patch: the base model (B = 0), taken with
+    the adapter switched off so it needs no copy of the initial weights."""
+    with torch.no_grad(), setup.model.disable_adapter():
+        return float(refusal_loss(setup.model, _probe(setup), setup.pad_id))
+
+
+def selective_lora_inputs(
+    config: TrainConfig, setup: Setup, moments: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> list[tuple[torch.nn.Module, torch.Tensor]]:
     """(lora_A module, basis) per patched module (`app.factory.selective`): harmful = the
-    refusal prompts, benign = the preserve prompts with the base's answers, plus the
-    `selective_against` requests as a group of their own. Moments are taken through the fresh
-    peft model, whose B = 0 makes it the base model."""
-    if not targets:
+    refusal prompts, benign = the preserve prompts with the base's answers (`moments`, when
+    given, replaces the cached ones: recipes add groups of their own). Moments are taken
+    through the fresh peft model, whose B = 0 makes it the base model."""
+    if not setup.targets:
         raise ValueError("--selective-dims needs preserving mode and preserve prompts")
-    backbone = model.get_base_model().model  # no LM head: moments need only the layers
+    backbone = setup.model.get_base_model().model  # no LM head: moments need only the layers
     lora_modules = {n: m for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
-    against = _dedup(p for src in config.selective_against for p in load_prompts(src))
-    bases = selective_bases(
-        cached_moments(
+    if moments is None:
+        moments = cached_moments(
             backbone,
             list(lora_modules),
-            harmful=[p for p, _ in examples],
-            benign=[(t.prompt_ids, t.response_ids) for t in targets],
-            against=[chat_prompt_ids(tokenizer, p) for p in against],
+            harmful=[p for p, _ in setup.examples],
+            benign=[(t.prompt_ids, t.response_ids) for t in setup.targets],
             tail=config.selective_tail,
-            pad_id=pad_id,
+            pad_id=setup.pad_id,
             cache_root=config.cache_dir and config.cache_dir / "factory" / "moments",
             cache_salt=str(targets_cache_dir(config)),
-        ),
-        config.selective_dims,
-    )
+        )
+    bases = selective_bases(moments, config.selective_dims)
     return [(m.lora_A["default"], bases[n]) for n, m in lora_modules.items()]
 
 

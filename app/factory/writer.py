@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from app.factory.data import file_sha256
-
-if TYPE_CHECKING:
-    from app.factory.train import TrainConfig
+from app.factory.config import TrainConfig, training_record
 
 
 def write_patch(
     config: TrainConfig,
     model: Any,
-    steps: int,
-    initial: float,
-    final: float,
-    seconds: float,
-    n_harmful: int,
-    n_preserve: int,
+    run: dict[str, Any],
+    gate: dict[str, Any] | None = None,
 ) -> None:
+    """Save the adapter with its metadata: `training` is `config`'s record plus the run's
+    measurements (`config.training_record`), `gate` the calibrated gate block (or none)."""
     from app.model.identity import model_identity
     from app.patches.metadata import PatchMetadata, weights_sha256
 
@@ -36,42 +28,7 @@ def write_patch(
     adapter_config = json.loads((tmp / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = identity["name"]  # not a machine-local path
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    sources = config.harmful + config.preserve + config.selective_against
-    data_files = sorted({str(src.path) for src in sources})
-    training = {
-        "mode": config.mode,
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "target_modules": config.target_modules,
-        "layers": config.layers,
-        "lr": config.lr,
-        "epochs": config.epochs,
-        "steps": steps,
-        "batch_size": config.batch_size,
-        "preserve_batch_size": config.preserve_batch_size,
-        "preserve_weight": config.preserve_weight,
-        "margin_weight": config.margin_weight,
-        "preserve_tokens": config.preserve_tokens,
-        "kl_top_k": config.kl_top_k,
-        "selective_dims": config.selective_dims,
-        "selective_tail": config.selective_tail,
-        "selective_against_sources": [s.spec() for s in config.selective_against],
-        "seed": config.seed,
-        "refusal_category": config.refusal_category,
-        "refusal_tokens": config.refusal_tokens,
-        "harmful_sources": [s.spec() for s in config.harmful],
-        "preserve_sources": [s.spec() for s in config.preserve]
-        if config.mode == "preserving"
-        else [],
-        "n_harmful": n_harmful,
-        "n_preserve": n_preserve,
-        "data_sha256": {f: file_sha256(Path(f)) for f in data_files},
-        "initial_refusal_loss": round(initial, 4),
-        "final_refusal_loss": round(final, 4),
-        "training_seconds": round(seconds, 1),
-        "command": config.command,
-        "torch": torch.__version__,
-    }
+    training = training_record(config, **run)
     PatchMetadata(
         name=config.name,
         description=config.description,
@@ -81,6 +38,7 @@ def write_patch(
         target_modules=sorted(config.target_modules),
         weights_sha256=weights_sha256(tmp),
         training=training,
+        gate=gate,
     ).write(tmp)
     (tmp / "README.md").write_text(_readme(config, training))
     for path in tmp.iterdir():  # safetensors writes 0600; the server may run as another user

@@ -114,6 +114,57 @@ def test_evaluate_capability_base_and_a_zero_patch(tiny_model: Path, tmp_path: P
     rows = evaluate_capability(tiny_model, configs, ITEMS)
     assert [r["config"] for r in rows] == ["base", "zero"]
     assert rows[1]["acc"] == rows[0]["acc"] and rows[1]["acc_delta_points"] == 0.0
-    assert rows[1]["mode"] == "always-on"
-    with pytest.raises(NotImplementedError):
-        evaluate_capability(tiny_model, configs, ITEMS, mode="gated")
+    assert rows[1]["mode"] == "always"
+    with pytest.raises(ValueError):  # gated needs each configuration's gate
+        evaluate_capability(tiny_model, configs, ITEMS, modes=("gated",))
+
+
+class _Gate:
+    def __init__(self, probe_tokens: int, fire: bool) -> None:
+        self.probe_tokens, self.fire, self.seen = probe_tokens, fire, []
+
+    def fires(self, text: str) -> bool:
+        self.seen.append(text)
+        return self.fire
+
+
+def test_gated_capability_is_the_base_where_the_gate_passes(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A patch that changes answers scores the base's exact results where its gate does not
+    fire, and its own (always-on) results where it fires; the probe is its greedy opening."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from app.factory.evaluate import EvalConfig
+
+    noisy = tmp_path / "noisy"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=2, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, lora).save_pretrained(noisy)
+    configs = [EvalConfig("base", None), EvalConfig("noisy", noisy)]
+    passing, firing = _Gate(3, False), _Gate(3, True)
+    rows = evaluate_capability(
+        tiny_model, configs, ITEMS, modes=("gated", "always"), gates={"noisy": passing}
+    )
+    base, gated, always = rows
+    assert (gated["mode"], always["mode"], gated["fire_rate"]) == ("gated", "always", 0.0)
+    assert gated["acc"] == base["acc"] and gated["acc_delta_points"] == 0.0
+    assert len(passing.seen) == len(ITEMS) and all(isinstance(t, str) for t in passing.seen)
+    fired = evaluate_capability(
+        tiny_model, configs, ITEMS, modes=("gated", "always"), gates={"noisy": firing}
+    )
+    assert fired[1]["fire_rate"] == 1.0
+    assert (fired[1]["acc"], fired[1]["acc_norm"]) == (always["acc"], always["acc_norm"])
+
+
+def test_merge_fired_takes_the_patched_result_only_where_the_gate_fires() -> None:
+    from app.factory.capability import merge_fired
+
+    base = {"acc": [True, True, False, False], "acc_norm": [True, False, True, False]}
+    fired_only = {"acc": [False, True], "acc_norm": [False, True]}  # items 1 and 3, in order
+    merged = merge_fired(base, fired_only, [False, True, False, True])
+    assert merged == {"acc": [True, False, False, True], "acc_norm": [True, False, True, True]}

@@ -71,8 +71,12 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
     assert "refusal" in done.stdout  # the printed table
     report = json.loads(report_path.read_text())
     assert png.read_bytes()[:4] == b"\x89PNG"
-    entries = {(e["config"], e["prompts"]): e for e in report["entries"]}
-    assert len(report["entries"]) == 4 * 2 and report["max_tokens"] == 8
+    entries = {
+        (e["config"], e["prompts"]): e for e in report["entries"] if e.get("mode") != "gated"
+    }
+    gated = {(e["config"], e["prompts"]): e for e in report["entries"] if e.get("mode") == "gated"}
+    # base once, each patched configuration in both modes (the default), per set
+    assert len(report["entries"]) == (1 + 3 * 2) * 2 and report["max_tokens"] == 8
     base_good = entries[("base", "good")]
     assert base_good["unchanged_rate"] == 1.0 and base_good["mean_kl"] == 0.0
     patched_harm = entries[("tiny-refusal", "harm")]
@@ -93,6 +97,19 @@ def test_eval_cli_end_to_end(trained_patch, tiny_model: Path, prompt_files, tmp_
     stacked = entries[("tiny-refusal+zero", "good")]
     assert stacked["mean_kl"] == pytest.approx(patched_good["mean_kl"], rel=1e-3, abs=1e-6)
     assert stacked["refusal_rate"] == patched_good["refusal_rate"]
+    # gated, derived from the same pass: passed prompts are the base's answers
+    for (config, prompts), entry in gated.items():
+        assert entry["fire_rate"] is not None and 1 <= entry["probe_tokens"] <= 64
+        if prompts == "good":
+            assert entry["unchanged_rate"] >= 1 - entry["fire_rate"] - 1e-9
+            assert entry["mean_kl"] <= entries[(config, prompts)]["mean_kl"] + 1e-9
+    zero_gated = gated[("zero", "good")]
+    assert zero_gated["unchanged_rate"] == 1.0 and zero_gated["mean_kl"] == pytest.approx(
+        0.0, abs=1e-9
+    )
+    # a patch without a training record is calibrated on every set; tiny-refusal trained on both
+    assert set(report["gates"]) == {"zero"} and 1 <= report["gates"]["zero"]["probe_tokens"] <= 16
+    assert "gate zero: probe_tokens" in done.stdout
     meta = PatchMetadata.read(result.out_dir)
     assert meta is not None and meta.evaluation is not None
     assert {e["config"] for e in meta.evaluation["entries"]} == {

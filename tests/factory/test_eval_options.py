@@ -17,6 +17,7 @@ from app.cli.evaluate import evaluate
 from app.factory.data import split_of
 from app.factory.evaluate import Outputs, score_entry
 from app.factory.judge import KeywordJudge
+from app.factory.scoring import EvalRun, Gates
 from app.factory.sets import PromptSet, pair_options
 from app.patches.metadata import PatchMetadata
 
@@ -40,15 +41,16 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     """Replace generation by a recorder: every configuration refuses harmful-kind sets."""
     seen: dict[str, Any] = {}
 
-    def fake_evaluation(model_dir, configs, sets, **kwargs) -> list[dict[str, Any]]:
+    def fake_evaluation(model_dir, configs, sets, **kwargs) -> EvalRun:
         seen["sets"] = list(sets)
+        seen["modes"], seen["calibrate"] = kwargs.get("modes"), kwargs.get("calibrate")
         entries = []
         for prompt_set in sets:
             text = "I can't help." if prompt_set.kind == "harmful" else "Sure."
             out = Outputs([[1]] * len(prompt_set.prompts), [text] * len(prompt_set.prompts))
             for config in configs:
                 entries.append(score_entry(config.name, prompt_set, out, out, KeywordJudge(), 0.0))
-        return entries
+        return EvalRun(entries, Gates())
 
     monkeypatch.setattr("app.factory.evaluate.evaluate", fake_evaluation)
     monkeypatch.setattr("app.model.identity.model_identity", lambda _: {"name": "fake"})
@@ -200,7 +202,7 @@ def test_capability_through_the_cli(recorded, tiny_model: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "capability: hs.jsonl, 3 items" in result.output
     capability = json.loads(report_path.read_text())["capability"]
-    assert capability["items"] == 3 and capability["mode"] == "always-on"
+    assert capability["items"] == 3 and capability["modes"] == ["gated", "always"]
     (base,) = capability["results"]
     assert base["config"] == "base" and base["n"] == 3 and 0.0 <= base["acc"] <= 1.0
     assert base["acc_ci95"][0] <= base["acc"] <= base["acc_ci95"][1]
@@ -239,3 +241,21 @@ def test_mark_sources_for_patches_and_stacks(tmp_path: Path) -> None:
         ("trained+other", "adv-dev"): "dev",
         ("trained+other", "cat"): "trained",  # a stack member trained on the whole file
     }
+
+
+def test_mode_option_through_the_cli(files, recorded, tmp_path: Path) -> None:
+    """--mode: both by default, repeatable, `always-on` an alias; anything else is a usage
+    error (exit 2) naming the value; --no-calibrate-gate reaches the evaluation."""
+    spec = f"{files['harmful']}?kind=harmful&column=request"
+    _run(["--prompts", spec], tmp_path)
+    assert recorded["modes"] == ("gated", "always") and recorded["calibrate"] is True
+    _run(["--prompts", spec, "--mode", "always-on", "--no-calibrate-gate"], tmp_path)
+    assert recorded["modes"] == ("always",) and recorded["calibrate"] is False
+    _run(["--prompts", spec, "--mode", "gated"], tmp_path)
+    assert recorded["modes"] == ("gated",)
+    app = typer.Typer()
+    app.command()(evaluate)
+    bad = CliRunner().invoke(
+        app, ["--prompts", spec, "--mode", "sometimes", "--model", str(tmp_path)]
+    )
+    assert bad.exit_code == 2 and "sometimes" in bad.output

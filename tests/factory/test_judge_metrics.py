@@ -155,9 +155,21 @@ def test_report_outputs(tmp_path: Path) -> None:
     ]
     table = format_table(report)
     assert "100.0%" in table and "0.1250" in table and "judge: keyword-test" in table
-    assert "leave-source-out" in table and len(table.splitlines()) == 1 + 6 + 5
-    assert "| p | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 |" in markdown_table(report)
-    assert "| p | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
+    assert "leave-source-out" in table and len(table.splitlines()) == 1 + 6 + 6 + 5
+    base_row, p_row = report["modes"]
+    assert base_row == {
+        "config": "base",
+        "harmful_refusal_rate": 0.0,
+        "benign_refusal_rate": 0.0,
+        "benign_unchanged_rate": 1.0,
+        "benign_mean_kl": 0.0,
+    }
+    assert (p_row["harmful_refusal_rate"], p_row["benign_unchanged_rate"]) == (1.0, 0.5)
+    assert p_row["benign_mean_kl"] == 0.125 and "benign_fire_rate" not in p_row
+    assert "| p | - | b | benign | - | 2 | - | 50.0% | 50.0% | 0.1250 | - |" in markdown_table(
+        report
+    )
+    assert "| p | - | h | harmful | all | 2 | held-out | 100.0% |" in markdown_table(report)
     assert "| drugs | 1 | 0.0% | 100.0% |" in category_table(report)
     write_json(report, tmp_path / "r.json")
     plot(report, tmp_path / "r.png")

@@ -12,7 +12,6 @@ import torch
 from app.factory.selective import (
     InSubspace,
     MomentCollector,
-    cached_moments,
     constrain_lora_inputs,
     materialise_lora_inputs,
     selective_basis,
@@ -90,33 +89,6 @@ def test_moments_count_only_the_chosen_positions_and_share_inputs(tiny_model: Pa
     assert torch.allclose(moments[names[2]], expected, rtol=0, atol=1e-5 * scale)
 
 
-def test_against_requests_add_their_tails_as_one_benign_group(tiny_model: Path) -> None:
-    """C_b with `against` = C_b without it + the mean moment of the against prompts' last
-    `tail` tokens; C_h is untouched."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    names = ["layers.1.mlp.down_proj"]
-    kwargs = {
-        "harmful": [[5, 6, 7, 8]],
-        "benign": [([9, 10, 11], [12, 13])],
-        "tail": 2,
-        "pad_id": 0,
-        "cache_root": None,
-        "cache_salt": "",
-    }
-    against = [[20, 21, 22, 23], [24, 25, 26]]
-    plain = cached_moments(model.model, names, **kwargs)
-    with_against = cached_moments(model.model, names, against=against, **kwargs)
-    collector = MomentCollector(model.model, names)
-    collector.run(model.model, against, [(2, 4), (1, 3)], pad_id=0)  # the last 2 tokens
-    group = collector.moments()[names[0]]
-    scale = float(group.abs().max())
-    added = with_against["benign"][names[0]] - plain["benign"][names[0]]
-    assert torch.allclose(added, group, rtol=0, atol=1e-5 * scale)
-    assert torch.equal(with_against["harmful"][names[0]], plain["harmful"][names[0]])
-
-
 def test_selective_training_keeps_every_lora_a_inside_its_subspace(
     tiny_model: Path, prompt_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -141,7 +113,6 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
         preserve_tokens=6,
         kl_top_k=8,
         selective_dims=2,
-        selective_against=[parse_source(f"{prompt_files['benign']}?split=all&limit=3")],
         threads=1,
         cache_dir=tmp_path / "cache",
     )
@@ -156,12 +127,5 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
         assert float(singular[2:].max()) < 1e-5 * float(singular[0]), key
     training = PatchMetadata.read(result.out_dir).training or {}
     assert training["selective_dims"] == 2
-    assert training["selective_against_sources"] == [config.selective_against[0].spec()]
-
-    invalid = [  # the selective inputs need benign targets; an against-group needs them on
-        (replace(config, mode="safety-only"), "selective-dims needs preserving mode"),
-        (replace(config, selective_dims=0), "selective-against needs"),
-    ]
-    for bad, message in invalid:
-        with pytest.raises(ValueError, match=message):
-            train_patch(replace(bad, out_dir=tmp_path / "x", steps=1))
+    with pytest.raises(ValueError, match="selective-dims needs preserving mode"):
+        train_patch(replace(config, mode="safety-only", out_dir=tmp_path / "x", steps=1))

@@ -114,13 +114,30 @@ def test_safety_only_mode_and_layer_selection(
         )
 
 
-def test_refusal_tokens_cut_each_refusal(tiny_model: Path) -> None:
-    from transformers import AutoTokenizer
+def test_training_calibrates_the_gate_on_the_dev_split(trained_patch, tiny_model: Path) -> None:
+    """The fixture trains on whole files (no dev split: no gate); the same patch calibrated on
+    the dev split of a train-split source gets a gated block of its own."""
+    from dataclasses import replace
 
-    from app.factory.losses import refusal_examples
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from app.factory.calibrate import calibrate_trained
+    from app.factory.data import with_split
+
+    config, result = trained_patch
+    assert PatchMetadata.read(result.out_dir).gate is None  # nothing held out
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    whole = refusal_examples(tokenizer, HARMFUL[:4], seed=0, category=None)
-    cut = refusal_examples(tokenizer, HARMFUL[:4], seed=0, category=None, max_tokens=3)
-    assert all(r[-1] == tokenizer.eos_token_id and len(r) > 3 for _, r in whole)
-    assert [(p, r[:3]) for p, r in whole] == cut
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(result.out_dir)).eval()
+    held = replace(
+        config,
+        harmful=[with_split(s, "train") for s in config.harmful],
+        preserve=[with_split(s, "train") for s in config.preserve],
+    )
+    block = calibrate_trained(held, model, tokenizer)
+    assert block is not None and block["mode"] == "gated" and 1 <= block["probe_tokens"] <= 16
+    record = block["calibration"]
+    assert record["by"] == "safepatch train" and record["probe_tokens"] == block["probe_tokens"]
+    assert 0 < record["harmful_sets"]["harmful-dev"] < len(HARMFUL)
+    assert len(record["curve"]) == 16
