@@ -1,236 +1,223 @@
 """Soak a running SafePatch server: N concurrent mixed requests for a duration, with admin churn.
 
-Requests: base, single patch, stacks of two; streamed or not; some streams cancelled after
-their first event. Every greedy answer that ran to its end is compared with the solo answer
-for the same prompt and patches (taken one at a time before the soak). Throughout, a churn
-task registers a copy of a patch under a fresh name (from a path inside the store), sends one
-request through it (its answer must equal the original patch's) and deletes it.
+Requests, from tenants the soak sets up itself (`soak-open`, `soak-gated`, `soak-churn`):
+base, single patches, stacks of two and three; gated (the `soak-gated` tenant's policy sets
+`--gated` to mode "gated", and `--gate-upload` adds a copy of a patch whose own metadata gates
+it with openings that fire on some prompts); streamed or not; some streams cancelled after 0-3
+events and some JSON requests cancelled by a client timeout. Every greedy answer that ran to
+its end is compared with the solo answer for the same tenant, prompt and patches (taken one
+at a time before the soak). Throughout, a churn task registers a copy of a patch under a
+fresh name (alternately by path and by upload), puts it in `soak-churn`'s policy, starts two
+streams through it (alone, and stacked), deletes it while they are in flight and checks their
+answers against the original patch's.
 
-Reports errors, mismatches, leaked leases (the `safepatch_lora_leases` gauge, when the server
-exposes it: 0 once the load stops) and the server's RSS (process tree) at start and end.
-Prints a table, writes JSON.
+Reports requests, errors, mismatches, gate decisions, leaks once the load stops (the lease
+gauge `safepatch_lora_leases`, vLLM's `vllm:num_requests_running` and `_waiting`, churn
+adapters left registered) and the server's RSS (process tree) at start and end, sampled over
+time (`timeline`, plotted by bench/soak_plot.py). Prints a table, writes JSON.
 
     .venv/bin/python -m bench.soak --url http://127.0.0.1:8000 --admin-token TOKEN
-        --pid SERVER_PID --patches alpha beta --churn-path alpha [--duration 600]
-        [--concurrency 8] [--max-tokens 16] [--api-key KEY]   (no key: a dev-mode server)
+        --pid SERVER_PID --patches alpha beta gamma --gated alpha --churn-path alpha
+        [--churn-upload DIR] [--gate-upload DIR] [--duration 600] [--concurrency 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import random
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.soak_client import (
+    PROMPTS,
+    Lane,
+    SoakClient,
+    Tally,
+    gate_metadata,
+    read_adapter,
+    rss_kib,
+)
+
 ROOT = Path(__file__).resolve().parent
-PROMPTS = [
-    "Write one sentence about the sea.",
-    "How do I bake bread?",
-    "List three prime numbers.",
-    "What is a safety patch?",
-]
+TENANTS = ("soak-open", "soak-gated", "soak-churn")
 
 
-@dataclass
-class Tally:
-    requests: Counter[str] = field(default_factory=Counter)  # kind -> count
-    errors: list[str] = field(default_factory=list)
-    mismatches: list[str] = field(default_factory=list)
-    cancelled: int = 0
-    churn_cycles: int = 0
+def lanes_for(args: argparse.Namespace, gate_name: str | None) -> list[Lane]:
+    patches = sorted(args.patches)
+    sets = [list(c) for k in range(len(patches) + 1) for c in itertools.combinations(patches, k)]
+    lanes = [Lane("soak-open", s) for s in sets if len(s) <= 3]
+    gated = [g for g in (args.gated, gate_name) if g]
+    for g in gated:  # alone, and stacked with each patch (stacked with one, for the upload)
+        partners = [p for p in patches if p != g][: None if g == args.gated else 1]
+        lanes += [Lane("soak-gated", sorted([g, *o])) for o in ([], *[[p] for p in partners])]
+    return lanes
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of `pid` and all its descendants (vLLM's engine core is a child)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        status = Path(f"/proc/{current}/status")
-        with contextlib.suppress(OSError):
-            for line in status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-            todo += [int(c) for c in children]
-    return total
-
-
-def body(model: str, prompt: str, patches: list[str], max_tokens: int, stream: bool) -> dict:
-    request: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": stream,
-    }
-    if patches:
-        request["safety_patches"] = patches
-    return request
-
-
-async def ask(
-    http: httpx.AsyncClient, request: dict, headers: dict[str, str], cancel: bool = False
-) -> str | None:
-    """The answer's text; None when cancelled on purpose. Raises on any error."""
-    if not request["stream"]:
-        response = await http.post("/v1/chat/completions", json=request, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
-        return response.json()["choices"][0]["message"]["content"]
-    parts: list[str] = []
-    async with http.stream(
-        "POST", "/v1/chat/completions", json=request, headers=headers
-    ) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code}: {(await response.aread())[:200]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                raise RuntimeError(f"stream error event: {event['error']}")
-            parts.append(event["choices"][0]["delta"].get("content") or "")
-            if cancel:
-                return None  # leaving the block closes the connection mid-stream
-    return "".join(parts)
-
-
-async def metric(http: httpx.AsyncClient, name: str) -> float | None:
-    text = (await http.get("/metrics")).text
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
-    return sum(values) if values else None
+async def setup(client: SoakClient, args: argparse.Namespace) -> str | None:
+    """Tenants and keys; the self-gated upload (its name) when `--gate-upload` is given."""
+    gate_name = None
+    open_policy = {"optional": sorted(args.patches), "allow_base": True}
+    await client.tenant("soak-open", open_policy)
+    await client.tenant("soak-churn", open_policy)
+    gated_policy: dict[str, Any] = {"optional": sorted(args.patches), "allow_base": True}
+    if args.gated:
+        gated_policy["modes"] = {args.gated: "gated"}
+    if args.gate_upload:
+        gate_name = f"{Path(args.gate_upload).name}-gate"
+        source = Path(args.gate_upload).name
+        openings = []
+        for prompt in PROMPTS[:2]:  # the source patch's own probe openings: these fire
+            answer = await client.answer(Lane("soak-open", [source]), prompt, 6, stream=False)
+            openings.append(answer.text)
+        files = read_adapter(Path(args.gate_upload))
+        files["safepatch.json"] = gate_metadata(gate_name, files, openings)
+        await client.register_upload(gate_name, files, exist_ok=True)
+        gated_policy["optional"] = sorted([*args.patches, gate_name])
+    await client.tenant("soak-gated", gated_policy)
+    return gate_name
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    admin = {"Authorization": f"Bearer {args.admin_token}"}
-    sets: list[list[str]] = [[]] + [[p] for p in args.patches]
-    sets += [list(pair) for pair in itertools.combinations(sorted(args.patches), 2)]
     tally = Tally()
     rng = random.Random(args.seed)
     async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout) as http:
-        model = (await http.get("/v1/models", headers=headers)).json()["data"][0]["id"]
+        client = SoakClient(http, args.admin_token, args.max_tokens)
+        gate_name = await setup(client, args)
+        lanes = lanes_for(args, gate_name)
         solo = {
-            (prompt, tuple(patches)): await ask(
-                http, body(model, prompt, patches, args.max_tokens, False), headers
-            )
+            (lane.key, prompt): (await client.answer(lane, prompt, args.max_tokens, False)).text
+            for lane in lanes
             for prompt in PROMPTS
-            for patches in sets
         }
         rss_start = rss_kib(args.pid) if args.pid else None
-        deadline = time.monotonic() + args.duration
+        started = time.monotonic()
+        deadline = started + args.duration
 
         async def worker() -> None:
             while time.monotonic() < deadline:
-                prompt, patches = rng.choice(PROMPTS), rng.choice(sets)
+                lane, prompt = rng.choice(lanes), rng.choice(PROMPTS)
                 stream = rng.random() < 0.5
-                cancel = stream and rng.random() < args.cancel_rate
-                kind = f"{'+'.join(patches) or 'base'}/{'stream' if stream else 'json'}"
+                cancel_after = rng.choice([0, 1, 3]) if rng.random() < args.cancel_rate else None
+                kind = f"{lane.tenant.removeprefix('soak-')}:{'+'.join(lane.patches) or 'base'}"
+                kind += "/stream" if stream else "/json"
                 tally.requests[kind] += 1
-                request = body(model, prompt, patches, args.max_tokens, stream)
                 try:
-                    answer = await ask(http, request, headers, cancel)
+                    answer = await client.answer(
+                        lane, prompt, args.max_tokens, stream, cancel_after, rng
+                    )
                 except Exception as exc:
-                    tally.errors.append(f"{kind}: {exc}")
+                    tally.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
                     continue
-                if answer is None:
+                tally.gates.update(f"{p}={d}" for p, d in answer.gates.items())
+                if answer.cancelled:
                     tally.cancelled += 1
-                elif answer != solo[(prompt, tuple(patches))]:
-                    tally.mismatches.append(f"{kind} {prompt!r}: {answer!r}")
+                elif answer.text != solo[(lane.key, prompt)]:
+                    tally.mismatches.append(f"{kind} {prompt!r}: {answer.text!r}")
+                else:
+                    tally.checked += 1
 
         async def churn() -> None:
-            source = args.churn_path.rstrip("/").rsplit("/", 1)[-1]
+            source = Path(args.churn_path).name
+            partner = next((p for p in sorted(args.patches) if p != source), None)
+            upload = read_adapter(Path(args.churn_upload)) if args.churn_upload else None
             for i in itertools.count():
                 if time.monotonic() >= deadline:
                     return
-                name = f"soak-churn-{args.seed}-{i}"
+                name = f"{source}-churn-{args.seed}-{i}"  # sorts where `source` does
                 try:
-                    created = await http.post(
-                        "/admin/adapters",
-                        headers=admin,
-                        json={"name": name, "path": args.churn_path},
+                    by_upload = upload is not None and i % 2 == 1
+                    await client.churn_cycle(
+                        name, source, partner, upload if by_upload else None, args, solo, tally
                     )
-                    if created.status_code != 201:
-                        raise RuntimeError(f"register {created.status_code}: {created.text[:200]}")
-                    if source in args.patches:
-                        prompt = rng.choice(PROMPTS)
-                        request = body(model, prompt, [name], args.max_tokens, False)
-                        answer = await ask(http, request, headers)
-                        if answer != solo[(prompt, (source,))]:
-                            tally.mismatches.append(f"churn {name}: {answer!r}")
-                    deleted = await http.delete(f"/admin/adapters/{name}", headers=admin)
-                    if deleted.status_code != 204:
-                        raise RuntimeError(f"delete {deleted.status_code}: {deleted.text[:200]}")
                     tally.churn_cycles += 1
                 except Exception as exc:
-                    tally.errors.append(f"churn: {exc}")
+                    tally.errors.append(f"churn {name}: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(args.churn_interval)
 
-        started = time.monotonic()
-        await asyncio.gather(churn(), *(worker() for _ in range(args.concurrency)))
+        async def sampler() -> None:
+            while time.monotonic() < deadline:
+                tally.sample(time.monotonic() - started, rss_kib(args.pid) if args.pid else 0)
+                await asyncio.sleep(args.sample_interval)
+
+        await asyncio.gather(sampler(), churn(), *(worker() for _ in range(args.concurrency)))
         wall = time.monotonic() - started
-        await asyncio.sleep(1.0)  # let cancelled streams' leases end
-        leases = await metric(http, "safepatch_lora_leases")
+        leftovers = await client.settle()
         rss_end = rss_kib(args.pid) if args.pid else None
+        tally.sample(time.monotonic() - started, rss_end or 0)
+        prefix = f"{Path(args.churn_path).name}-churn-{args.seed}-"
+        leftovers["churn_adapters"] = len(
+            [n for n in await client.adapter_names() if n.startswith(prefix)]
+        )
     total = sum(tally.requests.values())
     return {
         "duration_s": round(wall, 1),
         "concurrency": args.concurrency,
+        "lanes": len(lanes),
         "requests": total,
         "requests_per_s": round(total / wall, 2),
-        "by_kind": dict(sorted(tally.requests.items())),
+        "checked_against_solo": tally.checked,
         "cancelled": tally.cancelled,
         "churn_cycles": tally.churn_cycles,
         "errors": len(tally.errors),
         "mismatches": len(tally.mismatches),
-        "leaked_leases": leases,  # None: the server exposes no lease gauge
+        "leaks": sum(v for v in leftovers.values() if v),
+        "left_behind": leftovers,
+        "gate_decisions": dict(sorted(tally.gates.items())),
         "rss_start_mib": round(rss_start / 1024, 1) if rss_start else None,
         "rss_end_mib": round(rss_end / 1024, 1) if rss_end else None,
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2)
         if rss_start and rss_end
         else None,
+        "by_kind": dict(sorted(tally.requests.items())),
         "first_errors": tally.errors[:10],
         "first_mismatches": tally.mismatches[:10],
+        "timeline": tally.timeline,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--admin-token", required=True)
-    parser.add_argument("--api-key", default=None, help="tenant key (none: dev-mode server)")
-    parser.add_argument("--pid", type=int, default=None, help="server pid, for RSS")
-    parser.add_argument("--patches", nargs="+", default=["alpha", "beta"])
-    parser.add_argument("--churn-path", default="alpha", help="adapter dir inside the store")
-    parser.add_argument("--churn-interval", type=float, default=0.5)
-    parser.add_argument("--duration", type=float, default=600.0)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--cancel-rate", type=float, default=0.2, help="of streamed requests")
-    parser.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "soak.json")
-    args = parser.parse_args()
-    result = asyncio.run(soak(args))
-    rows = [(k, v) for k, v in result.items() if not isinstance(v, dict | list)]
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--admin-token", required=True)
+    p.add_argument("--pid", type=int, default=None, help="server pid, for RSS")
+    p.add_argument("--patches", nargs="+", default=["alpha", "beta", "gamma"])
+    p.add_argument("--gated", default=None, help="a patch soak-gated's policy sets to gated")
+    p.add_argument("--gate-upload", default=None, help="local adapter dir: a self-gated copy")
+    p.add_argument("--churn-path", default="alpha", help="adapter dir inside the store")
+    p.add_argument("--churn-upload", default=None, help="local copy of it: every other cycle")
+    p.add_argument("--churn-interval", type=float, default=0.5)
+    p.add_argument("--duration", type=float, default=600.0)
+    p.add_argument("--concurrency", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--cancel-rate", type=float, default=0.15)
+    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--sample-interval", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "soak.json")
+    return p
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, list) and k != "by_kind"]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     for line in result["first_errors"] + result["first_mismatches"]:
         print("  ", line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    report(asyncio.run(soak(args)), args.out)
 
 
 if __name__ == "__main__":

