@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from app.api.deps import Caller, ServedCall, State
 from app.errors import Unavailable
 from app.serving import front
+from app.serving.input_checks import check_input
 from app.serving.proxy import forward
 
 router = APIRouter(tags=["openai"])
@@ -36,6 +37,7 @@ async def list_models(state: State, caller: Caller) -> dict[str, Any]:
 
 
 async def _served(request: Request, state: State, call: ServedCall) -> Response:
+    check_input(request.url.path, await request.body())  # what vLLM would crash on: a 400
     return await front.serve(state, request, call)
 
 
