@@ -12,8 +12,8 @@ streams through it (alone, and stacked), deletes it while they are in flight and
 answers against the original patch's.
 
 Reports requests, errors, mismatches, gate decisions, leaks once the load stops (the lease
-gauge `safepatch_lora_leases`, vLLM's `vllm:num_requests_running` and `_waiting`, churn
-adapters left registered) and the server's RSS (process tree) at start and end, sampled over
+gauge `safepatch_lora_leases`, `safepatch_engine_requests`, vLLM's `vllm:num_requests_running`
+and `_waiting`, churn adapters left registered) and the server's RSS (process tree) at start and end, sampled over
 time (`timeline`, plotted by bench/soak_plot.py). Prints a table, writes JSON.
 
     .venv/bin/python -m bench.soak --url http://127.0.0.1:8000 --admin-token TOKEN
@@ -71,10 +71,11 @@ async def setup(client: SoakClient, args: argparse.Namespace) -> str | None:
     if args.gate_upload:
         gate_name = f"{Path(args.gate_upload).name}-gate"
         source = Path(args.gate_upload).name
-        openings = []
-        for prompt in PROMPTS[:2]:  # the source patch's own probe openings: these fire
+        openings: list[str] = []
+        for prompt in PROMPTS:  # the source patch's own probe openings on two prompts: fired
             answer = await client.answer(Lane("soak-open", [source]), prompt, 6, stream=False)
-            openings.append(answer.text)
+            if answer.text.strip() and len(openings) < 2:
+                openings.append(answer.text)
         files = read_adapter(Path(args.gate_upload))
         files["safepatch.json"] = gate_metadata(gate_name, files, openings)
         await client.register_upload(gate_name, files, exist_ok=True)

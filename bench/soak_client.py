@@ -273,6 +273,7 @@ class SoakClient:
             text = (await self.http.get("/metrics")).text
             left = {
                 "leases": metric(text, "safepatch_lora_leases"),
+                "engine_requests": metric(text, "safepatch_engine_requests"),
                 "engine_running": metric(text, "vllm:num_requests_running"),
                 "engine_waiting": metric(text, "vllm:num_requests_waiting"),
             }

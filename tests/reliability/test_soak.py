@@ -52,6 +52,7 @@ def test_soak(live_server: LiveServer, patch_library: Path, tmp_path: Path) -> N
     assert result["mismatches"] == 0, result["first_mismatches"]
     assert result["leaks"] == 0, result["left_behind"]
     assert result["left_behind"]["engine_running"] is not None, "vLLM's metrics not on /metrics"
+    assert result["left_behind"]["engine_requests"] is not None
     # the mix really ran: answers checked, cancellations, churn, both gate decisions
     assert result["checked_against_solo"] > 20 and result["cancelled"] > 0
     assert result["churn_cycles"] > 0

@@ -35,6 +35,7 @@ def held(http: httpx.Client) -> dict[str, float | None]:
             name: series(text, name)
             for name in (
                 "safepatch_lora_leases",
+                "safepatch_engine_requests",
                 "vllm:num_requests_running",
                 "vllm:num_requests_waiting",
             )
