@@ -13,8 +13,8 @@ answers against the original patch's.
 
 Reports requests, errors, mismatches, gate decisions, leaks once the load stops (the lease
 gauge `safepatch_lora_leases`, `safepatch_engine_requests`, vLLM's `vllm:num_requests_running`
-and `_waiting`, churn adapters left registered) and the server's RSS (process tree) at start and end, sampled over
-time (`timeline`, plotted by bench/soak_plot.py). Prints a table, writes JSON.
+and `_waiting`, churn adapters left registered) and the server's RSS (process tree) at start
+and end, sampled over time (`timeline`, plotted by bench/soak_plot.py). Prints a table, writes JSON.
 
     .venv/bin/python -m bench.soak --url http://127.0.0.1:8000 --admin-token TOKEN
         --pid SERVER_PID --patches alpha beta gamma --gated alpha --churn-path alpha
