@@ -111,6 +111,8 @@ def steer(case: schemathesis.Case, rng: random.Random, known: dict[str, list[str
 
 
 def _items(files: Any) -> list[tuple[str, Any]]:
+    if files is None:  # a negative case with no file parts at all
+        return []
     return list(files.items()) if isinstance(files, dict) else list(files)
 
 
