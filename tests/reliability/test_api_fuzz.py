@@ -257,3 +257,16 @@ def test_an_audit_offset_past_the_databases_integers_is_422(fuzzed_app) -> None:
     response = client.get("/admin/audit", params={"offset": 2**63}, headers=ADMIN)
     assert response.status_code == 422, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_responses_assistant_item_without_text_is_400(fuzzed_app) -> None:
+    """Found by the fuzzer on the real engine (vLLM crashed: a 500 'list index out of range');
+    refused before the engine is reached, so the fake engine shows it too."""
+    client, engine, store = fuzzed_app
+    item = {"type": "message", "role": "assistant", "id": "m", "status": "completed"}
+    body = {"model": "tiny", "input": [{**item, "content": []}], "max_output_tokens": 4}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "input[0].content"
+    check_answer(response, {"method": "POST", "url": "/v1/responses"})
+    assert_consistent(client, engine, store)
