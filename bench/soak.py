@@ -48,6 +48,11 @@ ROOT = Path(__file__).resolve().parent
 TENANTS = ("soak-open", "soak-gated", "soak-churn")
 
 
+def rss_pair(pid: int | None) -> tuple[int, int]:
+    """(process tree, server process alone) resident KiB; zeros without a pid."""
+    return (rss_kib(pid), rss_kib(pid, tree=False)) if pid else (0, 0)
+
+
 def lanes_for(args: argparse.Namespace, gate_name: str | None) -> list[Lane]:
     patches = sorted(args.patches)
     sets = [list(c) for k in range(len(patches) + 1) for c in itertools.combinations(patches, k)]
@@ -143,14 +148,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
         async def sampler() -> None:
             while time.monotonic() < deadline:
-                tally.sample(time.monotonic() - started, rss_kib(args.pid) if args.pid else 0)
+                tally.sample(time.monotonic() - started, *rss_pair(args.pid))
                 await asyncio.sleep(args.sample_interval)
 
         await asyncio.gather(sampler(), churn(), *(worker() for _ in range(args.concurrency)))
         wall = time.monotonic() - started
         leftovers = await client.settle()
         rss_end = rss_kib(args.pid) if args.pid else None
-        tally.sample(time.monotonic() - started, rss_end or 0)
+        tally.sample(time.monotonic() - started, *rss_pair(args.pid))
         prefix = f"{Path(args.churn_path).name}-churn-{args.seed}-"
         leftovers["churn_adapters"] = len(
             [n for n in await client.adapter_names() if n.startswith(prefix)]

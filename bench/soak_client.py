@@ -56,19 +56,22 @@ class Tally:
     churn_cycles: int = 0
     timeline: list[dict[str, float]] = field(default_factory=list)
 
-    def sample(self, t: float, rss: int) -> None:
+    def sample(self, t: float, rss: int, rss_main: int = 0) -> None:
         self.timeline.append(
             {
                 "t_s": round(t, 1),
                 "rss_mib": round(rss / 1024, 1),
+                "rss_main_mib": round(rss_main / 1024, 1),  # the server process alone
                 "requests": sum(self.requests.values()),
                 "errors": len(self.errors),
             }
         )
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of `pid` and all its descendants (vLLM's engine core is a child)."""
+def rss_kib(pid: int, tree: bool = True) -> int:
+    """Resident memory of `pid` and (`tree`) all its descendants: vLLM's engine core is a
+    child, started from a worker thread (so listed in that thread's `children`, not the main
+    thread's)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
@@ -76,9 +79,11 @@ def rss_kib(pid: int) -> int:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-            todo += [int(c) for c in children]
+        if not tree:
+            break
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
     return total
 
 

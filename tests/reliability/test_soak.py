@@ -58,5 +58,7 @@ def test_soak(live_server: LiveServer, patch_library: Path, tmp_path: Path) -> N
     assert result["churn_cycles"] > 0
     decisions = {d.split("=")[1] for d in result["gate_decisions"]}
     assert decisions == {"fired", "passed"}, result["gate_decisions"]
+    first = result["timeline"][0]
+    assert first["rss_mib"] > first["rss_main_mib"] > 0, "RSS misses the engine core process"
     kinds = set(result["by_kind"])
     assert any(k.startswith("gated:") and k.endswith("/stream") for k in kinds), kinds
