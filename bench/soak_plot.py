@@ -23,8 +23,13 @@ def plot(result: dict, out: Path) -> None:
         for a, b in zip(timeline, timeline[1:], strict=False)
     ]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    top.plot(t, [s["rss_mib"] for s in timeline], marker=".")
-    top.set_ylabel("server RSS, process tree (MiB)")
+    top.plot(t, [s["rss_mib"] for s in timeline], marker=".", label="process tree")
+    if all("rss_main_mib" in s for s in timeline):
+        engine = [s["rss_mib"] - s["rss_main_mib"] for s in timeline]
+        top.plot(t, engine, marker=".", label="engine core (tree - server)")
+        top.plot(t, [s["rss_main_mib"] for s in timeline], marker=".", label="server process")
+        top.legend(fontsize="small")
+    top.set_ylabel("RSS (MiB)")
     top.set_title(
         f"soak: {result['requests']} requests, {result['errors']} errors, "
         f"{result['mismatches']} mismatches, {result['leaks']} leaks, "
