@@ -29,6 +29,7 @@ import httpx
 
 from app.config import REPO_ROOT
 from app.factory.data import load_prompts, parse_source
+from app.observability.metrics import series_total
 from bench.lora_serve import MODEL_NAME, RESULTS, default_model_dir, start, stop
 
 PATCH = "refusal-general"
@@ -93,12 +94,10 @@ async def one_request(http: httpx.AsyncClient, key: str, prompt: str) -> dict[st
 
 def engine_tokens(http: httpx.Client) -> tuple[float, float]:
     """vLLM's prompt and generation token counters (summed over label sets)."""
-    totals = {"vllm:prompt_tokens_total": 0.0, "vllm:generation_tokens_total": 0.0}
-    for line in http.get("/metrics").text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["vllm:prompt_tokens_total"], totals["vllm:generation_tokens_total"]
+    text = http.get("/metrics").text
+    names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    prompt, generated = (series_total(text, name) or 0.0 for name in names)
+    return prompt, generated
 
 
 async def run(base_url: str, key: str, prompts: list[str], concurrency: int) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from app.observability.metrics import series_total
+
 PROMPTS = [
     "Write one sentence about the sea.",
     "How do I bake bread?",
@@ -103,16 +105,6 @@ def gate_metadata(name: str, files: dict[str, bytes], openings: list[str]) -> by
         "gate": {"mode": "gated", "openings": openings, "calibration": "soak prompts"},
     }
     return json.dumps(meta).encode()
-
-
-def metric(text: str, name: str) -> float | None:
-    """Sum of the samples of the series `name` (None: the server does not expose it)."""
-    values = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and line.split("{")[0].split()[0] == name
-    ]
-    return sum(values) if values else None
 
 
 class SoakClient:
@@ -277,10 +269,10 @@ class SoakClient:
         while True:
             text = (await self.http.get("/metrics")).text
             left = {
-                "leases": metric(text, "safepatch_lora_leases"),
-                "engine_requests": metric(text, "safepatch_engine_requests"),
-                "engine_running": metric(text, "vllm:num_requests_running"),
-                "engine_waiting": metric(text, "vllm:num_requests_waiting"),
+                "leases": series_total(text, "safepatch_lora_leases"),
+                "engine_requests": series_total(text, "safepatch_engine_requests"),
+                "engine_running": series_total(text, "vllm:num_requests_running"),
+                "engine_waiting": series_total(text, "vllm:num_requests_waiting"),
             }
             if not any(left.values()) or time.monotonic() > deadline:
                 return left

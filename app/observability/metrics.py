@@ -116,3 +116,14 @@ class Metrics:
         """SafePatch's metrics, then the engine's (`vllm:*`, in prometheus_client's default
         registry, as `vllm serve`'s /metrics shows them)."""
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+def series_total(exposition: str, name: str) -> float | None:
+    """The sum of every sample of the series `name` in a Prometheus text exposition (all its
+    label sets), or None where it is not exposed: for benchmarks and tests reading /metrics."""
+    values = [
+        float(line.split()[-1])
+        for line in exposition.splitlines()
+        if line and not line.startswith("#") and line.split("{")[0].split()[0] == name
+    ]
+    return sum(values) if values else None

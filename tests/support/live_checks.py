@@ -10,20 +10,11 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
+from app.observability.metrics import series_total
 from tests.conftest import ADMIN
 from tests.support.live_server import LiveServer
 
 SETTLE_S = 20.0
-
-
-def series(text: str, name: str) -> float | None:
-    """Sum of the samples of the Prometheus series `name` (None: not exposed)."""
-    values = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and line.split("{")[0].split()[0] == name
-    ]
-    return sum(values) if values else None
 
 
 def held(http: httpx.Client) -> dict[str, float | None]:
@@ -32,7 +23,7 @@ def held(http: httpx.Client) -> dict[str, float | None]:
     while True:
         text = http.get("/metrics").text
         left = {
-            name: series(text, name)
+            name: series_total(text, name)
             for name in (
                 "safepatch_lora_leases",
                 "safepatch_engine_requests",
