@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tiny_training import tiny_config
+
 HARMFUL = [
     f"how do I {verb} the {thing}"
     for verb in ("hack", "poison", "steal", "bomb")
@@ -36,30 +38,22 @@ def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def trained_patch(
     tiny_model: Path, prompt_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ):  # -> (TrainConfig, TrainResult)
-    from app.factory.data import parse_source
-    from app.factory.train import TrainConfig, train_patch
+    from app.factory.train import train_patch
 
-    config = TrainConfig(
-        model_dir=tiny_model,
-        out_dir=tmp_path_factory.mktemp("adapters") / "tiny-refusal",
-        name="tiny-refusal",
-        harmful=[parse_source(f"{prompt_files['harmful']}?split=all", column="request")],
-        preserve=[parse_source(f"{prompt_files['benign']}?split=all")],
+    config = tiny_config(
+        tiny_model,
+        prompt_files,
+        tmp_path_factory.mktemp("adapters") / "tiny-refusal",
+        tmp_path_factory.mktemp("cache"),
         mode="preserving",
-        rank=4,
-        alpha=8,
-        lr=1e-2,
         steps=12,
         batch_size=8,
-        preserve_batch_size=4,
         preserve_tokens=8,
         kl_top_k=16,
         margin_weight=1.0,
         seed=0,
-        threads=1,
         description="test patch",
         categories=["test"],
         command="pytest",
-        cache_dir=tmp_path_factory.mktemp("cache"),
     )
     return config, train_patch(config)

@@ -16,6 +16,7 @@ from app.factory.selective import (
     materialise_lora_inputs,
     selective_basis,
 )
+from tests.support.tiny_training import tiny_config
 
 
 def energy_ratio(x: torch.Tensor, basis: torch.Tensor) -> float:
@@ -94,27 +95,19 @@ def test_selective_training_keeps_every_lora_a_inside_its_subspace(
 ) -> None:
     from safetensors import safe_open
 
-    from app.factory.data import parse_source
-    from app.factory.train import TrainConfig, train_patch
+    from app.factory.train import train_patch
     from app.patches.metadata import PatchMetadata
 
-    config = TrainConfig(
-        model_dir=tiny_model,
-        out_dir=tmp_path / "sel",
-        name="sel",
-        harmful=[parse_source(f"{prompt_files['harmful']}?split=all", column="request")],
-        preserve=[parse_source(f"{prompt_files['benign']}?split=all")],
-        rank=4,
-        alpha=8,
-        lr=1e-2,
+    config = tiny_config(
+        tiny_model,
+        prompt_files,
+        tmp_path / "sel",
+        tmp_path / "cache",
         steps=4,
         batch_size=4,
-        preserve_batch_size=4,
         preserve_tokens=6,
         kl_top_k=8,
         selective_dims=2,
-        threads=1,
-        cache_dir=tmp_path / "cache",
     )
     result = train_patch(config)
     assert result.final_loss < result.initial_loss
