@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,5 +171,9 @@ class PatchRegistry(Registration):
         await self.targets.unload_retired()
 
     async def lora_for(self, names: list[str]) -> LoraTarget | None:
+        """The single LoRA serving exactly the patches named."""
+        return await self.lora_of([self.get(n) for n in set(names)])
+
+    async def lora_of(self, records: Sequence[PatchRecord]) -> LoraTarget | None:
         """The single LoRA serving exactly these patches (see app.patches.targets)."""
-        return await self.targets.for_patches([self.get(n) for n in sorted(set(names))])
+        return await self.targets.for_patches(sorted(records, key=lambda r: r.name))

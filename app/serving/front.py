@@ -92,7 +92,7 @@ async def resolve_call(state: AppState, caller: Principal, request: Request) -> 
     )
     probe = None
     if request.url.path in GATED_ROUTES:
-        rules = {p: GateRule.from_meta(state.registry.get(p).meta) for p in who.patches}
+        rules = {p: GateRule.from_meta(who.records[p].meta) for p in who.patches}
         probe = Probe.for_patches(rules, caller.policy.modes, who.patches)
     return Call(body, payload, requested, who, probe)
 

@@ -49,7 +49,10 @@ async def gated_answer(
     If the probe fires, the ungated request is dropped (vLLM aborts it) and the patched one
     runs, reusing the probe's prefix from vLLM's LoRA-aware prefix cache."""
     kept = [p for p in who.patches if p not in probe.gated]
-    ungated = Resolved(who.tenant, kept, await state.registry.lora_for(kept))
+    records = {p: who.records[p] for p in kept}
+    ungated = Resolved(
+        who.tenant, kept, await state.registry.lora_of(list(records.values())), records
+    )
     gates: dict[str, str] = {}
     decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     early = asyncio.create_task(

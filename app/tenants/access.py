@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine.types import LoraTarget
 from app.exceptions import InvalidRequest, NotFoundError
+from app.patches.records import PatchRecord
 from app.patches.registry import PatchRegistry
 from app.tenants.policy import TenantPolicy, Toggles, effective_patches, parse_toggles
 
@@ -28,15 +29,17 @@ class Resolved:
     tenant: str
     patches: list[str]
     lora: LoraTarget | None
+    records: dict[str, PatchRecord] = field(default_factory=dict)  # each patch, read once
 
 
-def model_patches(model: str, base_name: str, registry: PatchRegistry) -> list[str]:
-    """`model` names the base, a patch, or a stack `a+b`; anything else is a 404."""
+def model_patches(model: str, base_name: str, registry: PatchRegistry) -> dict[str, PatchRecord]:
+    """The patches `model` names: none (the base), a patch, or a stack `a+b`; anything else is
+    a 404."""
     if model == base_name:
-        return []
-    names = model.split(STACK_SEPARATOR)
-    if all(registry.find(n) is not None for n in names):
-        return names
+        return {}
+    found = {name: registry.find(name) for name in model.split(STACK_SEPARATOR)}
+    if all(found.values()):
+        return found  # type: ignore[return-value]
     raise NotFoundError(
         f"The model '{model}' does not exist", param="model", code="model_not_found"
     )
@@ -63,11 +66,12 @@ async def resolve(
     base_name: str,
     registry: PatchRegistry,
 ) -> Resolved:
-    from_model = model_patches(model, base_name, registry)
+    records = model_patches(model, base_name, registry)
     toggles = parse_toggles([*body_patches, *(header or "").split(",")], param=PATCHES_FIELD)
-    toggles = Toggles(toggles.opt_in | frozenset(from_model), toggles.opt_out)
-    for name in toggles.opt_in:
-        registry.get(name)  # unknown patch -> 404, before any policy answer
+    toggles = Toggles(toggles.opt_in | frozenset(records), toggles.opt_out)
+    # an unknown patch is a 404 before any policy answer; each record is read once
+    records |= {name: registry.get(name) for name in toggles.opt_in - set(records)}
     patches = effective_patches(principal.policy, toggles)
-    lora = await registry.lora_for(patches)
-    return Resolved(tenant=principal.tenant_id, patches=patches, lora=lora)
+    records = {name: records.get(name) or registry.get(name) for name in patches}
+    lora = await registry.lora_of(list(records.values()))
+    return Resolved(principal.tenant_id, patches, lora, records)

@@ -95,3 +95,24 @@ def test_openapi_documents_the_engines_request_bodies(settings: Settings) -> Non
         # the engine's own operation (vLLM's carries its request-body schema)
         assert paths["/v1/chat/completions"]["post"]["operationId"].startswith("generate_")
         assert "/admin/adapters" in paths
+
+
+def test_each_patch_record_is_read_once_per_request(settings: Settings) -> None:
+    """The ServedCall dependency resolves caller -> policy -> patch set -> the one LoRA and the
+    gate rules from one read of each patch's record."""
+    with running_app(settings) as (http, _):
+        headers = add_tenant(
+            http, "r", default=["alpha"], optional=["beta"], modes={"alpha": "gated"}
+        )
+        registry = http.app.state.safepatch.registry  # type: ignore[attr-defined]
+        reads: list[str] = []
+        find = registry.find  # every read of a record goes through it (`get` included)
+
+        def counted(name: str):
+            reads.append(name)
+            return find(name)
+
+        registry.find = counted
+        response = chat(http, headers, model="beta", safety_patches=["beta"])
+        assert response.json()["safepatch"]["gates"] == {"alpha": "passed"}
+        assert sorted(reads) == ["alpha", "beta"]
