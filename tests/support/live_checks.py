@@ -49,6 +49,11 @@ def assert_live_consistent(server: LiveServer) -> None:
         rows = conn.execute(
             sa.text("SELECT name, path, pinned FROM patches WHERE status = 'active'")
         ).all()
+        # a deleted patch registered by path leaves its directory to the operator (only an
+        # upload's files are SafePatch's to remove): such directories are owned too
+        operators = conn.execute(
+            sa.text("SELECT path FROM patches WHERE status = 'deleted' AND source != 'upload'")
+        ).all()
         stored_tenants = {r[0] for r in conn.execute(sa.text("SELECT id FROM tenants"))}
     engine.dispose()
     assert {r.name for r in rows} == set(served), "database and API list different patches"
@@ -62,7 +67,7 @@ def assert_live_consistent(server: LiveServer) -> None:
     store = root / "adapters"
     leftovers = [p.name for p in store.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"staging or trash left in the store: {leftovers}"
-    owned = {Path(r.path).resolve() for r in rows}
+    owned = {Path(r.path).resolve() for r in [*rows, *operators]}
     orphans = [
         p.name
         for p in store.iterdir()
