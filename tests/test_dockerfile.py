@@ -114,6 +114,37 @@ def test_dockerfile_contract() -> None:
     assert not any(name in rule for rule in allowed for name in (".venv", ".git", ".env"))
 
 
+def test_the_build_time_conversion_needs_only_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """The image converts SmolLM2 before the rest of app/ is copied (a cached layer): the
+    conversion code must import with only the files the Dockerfile copies for it."""
+    copied = []
+    for line in DOCKERFILE.read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and parts[-1].startswith("/tmp/convert/"):
+            copied += [(source, parts[-1]) for source in parts[1:-1]]
+    assert copied, "the Dockerfile no longer copies the conversion code to /tmp/convert"
+    for source, target in copied:
+        destination = tmp_path / Path(target).relative_to("/tmp/convert")
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, destination, dirs_exist_ok=True)
+        else:
+            destination.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / source, destination)
+    probe = (  # without this checkout's editable-install finder, as in the image at that step
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+        "if 'editable' not in getattr(f, '__module__', '')]; "
+        "from app.model.default_model import ensure_default_model; print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_container_script_is_valid_bash() -> None:
     assert os.access(SCRIPT, os.X_OK), f"{SCRIPT} must be executable"
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)

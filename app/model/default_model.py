@@ -12,11 +12,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from app.config import Settings
 from app.files import file_sha256
+
+if TYPE_CHECKING:  # the container build converts with app/model and app/files alone
+    from app.config import Settings
 
 logger = logging.getLogger(__name__)
 
