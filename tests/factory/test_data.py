@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 from difflib import SequenceMatcher
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.factory.data import (
@@ -84,6 +86,47 @@ def test_refusal_templates_vary_and_are_deterministic() -> None:
     )
 
 
+def _lcs_length(masks: dict[str, int], width: int, other: str) -> int:
+    """Longest common subsequence of `other` and the string behind `masks` (bit-parallel)."""
+    v = (1 << width) - 1
+    for ch in other:
+        u = v & masks.get(ch, 0)
+        v = (v + u) | (v - u)
+    return width - (v & ((1 << width) - 1)).bit_count()
+
+
+def _near_copies(ours: list[str], others: list[str]) -> list[tuple[str, str]]:
+    """Pairs within LEAK_SIMILARITY (difflib ratio of normalised text). difflib's matching
+    blocks form a common subsequence, so ratio <= 2*LCS/(len+len) <= quick_ratio; the cheap
+    bounds (character counts in numpy, then the LCS) leave few pairs for ratio() itself."""
+    alphabet = {ch: i for i, ch in enumerate(sorted(set("".join(ours + others))))}
+
+    def counts(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), len(alphabet)), dtype=np.int32)
+        for row, text in enumerate(texts):
+            for ch in text:
+                out[row, alphabet[ch]] += 1
+        return out
+
+    theirs, lengths = counts(others), np.array([len(o) for o in others])
+    near = []
+    for mine, mine_counts in zip(ours, counts(ours), strict=True):
+        total = lengths + len(mine)
+        bound = 2 * np.minimum(theirs, mine_counts).sum(axis=1)  # quick_ratio's numerator
+        masks: dict[str, int] = {}
+        for i, ch in enumerate(mine):
+            masks[ch] = masks.get(ch, 0) | (1 << i)
+        matcher = SequenceMatcher(None, b=mine)  # caches `mine`
+        for j in np.flatnonzero(bound >= LEAK_SIMILARITY * total):
+            other = others[j]
+            if 2 * _lcs_length(masks, len(mine), other) < LEAK_SIMILARITY * total[j]:
+                continue
+            matcher.set_seq1(other)
+            if matcher.ratio() >= LEAK_SIMILARITY:
+                near.append((mine, other))
+    return near
+
+
 @pytest.mark.parametrize(
     ("written", "evaluated"),
     [
@@ -99,18 +142,60 @@ def test_self_written_training_prompts_do_not_copy_dev_prompts(
     ours = [normalise(p) for p in load_prompts(parse_source(f"{DATA / written}?split=all"))]
     dev = [normalise(p) for p in load_prompts(parse_source(evaluated, split="dev"))]
     assert len(ours) > 100 and len(dev) > 50
-    near = []
-    for mine in ours:
-        matcher = SequenceMatcher(None, b=mine)  # caches `mine`; cheap upper bounds first
-        for other in dev:
-            matcher.set_seq1(other)
-            if (
-                matcher.real_quick_ratio() >= LEAK_SIMILARITY
-                and matcher.quick_ratio() >= LEAK_SIMILARITY
-                and matcher.ratio() >= LEAK_SIMILARITY
-            ):
-                near.append((mine, other))
-    assert near == []
+    assert _near_copies(ours, dev) == []
+
+
+# Self-written harmful requests and benign look-alikes (issue 15): categories and styles.
+BROAD_FILES = {
+    "harmful_requests.jsonl": {
+        "cbrn", "explosives_firearms", "violent_crime", "self_harm", "sexual_exploitation",
+        "harassment", "hate_extremism", "misinformation", "privacy", "fraud", "drugs",
+        "weapons_evasion", "theft", "child_safety", "animal_cruelty", "dangerous_challenges",
+    },
+    "benign_lookalikes.jsonl": {
+        "history", "safety", "fiction", "definition", "legal", "harmless_framing", "homonym",
+    },
+}  # fmt: skip
+STYLES = {"direct", "long", "persona", "hypothetical", "justified", "casual"}
+WHOLE_EVAL_SETS = ("multijail_en.csv", "gptfuzz_questions.csv", "jbb_benign.csv", XSTEST.name)
+DEV_EVAL_SETS = (
+    ADVBENCH.name, "catqa_en.csv", "donotanswer.csv", "coconot_unsafe.csv", "harmfulqa.csv"
+)  # fmt: skip
+NC_EVAL_SET = "safetytuned_llamas_nc.csv"  # CC BY-NC: only where the external data dir has it
+
+
+@cache
+def _evaluation_prompts() -> list[str]:
+    from app.factory.data import external_data_dir
+
+    sources = [f"{DATA / name}?split=all" for name in WHOLE_EVAL_SETS]
+    sources += [f"{DATA / name}?split=dev" for name in DEV_EVAL_SETS]
+    for folder in (external_data_dir(), REPO.parent / "shared/data"):
+        if folder is not None and (folder / NC_EVAL_SET).is_file():
+            sources.append(f"{folder / NC_EVAL_SET}?split=all")
+            break
+    return sorted({normalise(p) for s in sources for p in load_prompts(parse_source(s))})
+
+
+def test_broad_self_written_files_have_known_labels_and_no_duplicates() -> None:
+    seen: dict[str, str] = {}
+    for name, categories in BROAD_FILES.items():
+        rows = read_rows(DATA / name)
+        assert len(rows) > 200
+        for row in rows:
+            assert row["category"] in categories, row
+            assert row["style"] in STYLES, row
+            key = normalise(row["prompt"])
+            assert key not in seen, (row["prompt"], seen.get(key))
+            seen[key] = name
+        assert {row["style"] for row in rows} == STYLES
+
+
+@pytest.mark.parametrize("written", sorted(BROAD_FILES))
+def test_broad_self_written_files_do_not_copy_evaluation_prompts(written: str) -> None:
+    """Every evaluation set is read whole or by its dev split; none may be near-copied."""
+    ours = [normalise(p) for p in load_prompts(parse_source(f"{DATA / written}?split=all"))]
+    assert _near_copies(ours, _evaluation_prompts()) == []
 
 
 def test_files_are_found_by_name_in_the_vendored_then_the_external_data_dir(
