@@ -196,6 +196,12 @@ def test_broad_self_written_files_do_not_copy_evaluation_prompts(written: str) -
     """Every evaluation set is read whole or by its dev split; none may be near-copied."""
     ours = [normalise(p) for p in load_prompts(parse_source(f"{DATA / written}?split=all"))]
     assert _near_copies(ours, _evaluation_prompts()) == []
+    # nor repeat the earlier self-written training files (redundant, not a leak)
+    earlier = ("contrast_safe.jsonl", "cyber_requests.jsonl")
+    older = [
+        normalise(p) for f in earlier for p in load_prompts(parse_source(f"{DATA / f}?split=all"))
+    ]
+    assert _near_copies(ours, older) == []
 
 
 def test_files_are_found_by_name_in_the_vendored_then_the_external_data_dir(
