@@ -48,6 +48,7 @@ from app.factory.selective import (
 from app.factory.writer import write_patch
 
 Example = tuple[list[int], list[int]]  # (prompt ids, refusal ids)
+TARGET_CHUNK = 64  # base targets generated (and cached) per chunk
 
 
 @dataclass
@@ -106,11 +107,18 @@ def _cached_targets(
         if (cached := load_cached(path_of(prompt))) is not None:
             found[prompt] = GreedyTarget(**cached)
     missing = [p for p in prompts if p not in found]
-    if missing:
+    # In chunks, each cached as it is done: an interrupted run resumes where it stopped.
+    for start in range(0, len(missing), TARGET_CHUNK):
+        chunk = missing[start : start + TARGET_CHUNK]
         fresh = greedy_targets(
-            model, tokenizer, missing, max_new_tokens=config.preserve_tokens, top_k=config.kl_top_k
+            model,
+            tokenizer,
+            chunk,
+            max_new_tokens=config.preserve_tokens,
+            top_k=config.kl_top_k,
+            desc=f"base greedy targets {start + len(chunk)}/{len(missing)}",
         )
-        for prompt, target in zip(missing, fresh, strict=True):
+        for prompt, target in zip(chunk, fresh, strict=True):
             found[prompt] = target
             save_cached(asdict(target), path_of(prompt))
     return [found[p] for p in prompts]
