@@ -111,6 +111,16 @@ def build_config(
     kl_top_k: Annotated[
         int, typer.Option(help="Base tokens per position in the training KL (top-k).")
     ] = _default("kl_top_k"),
+    decision_tokens: Annotated[
+        int,
+        typer.Option(
+            help="The first N response positions, where refusal is decided, weigh "
+            "--decision-weight in every loss (0: uniform). See app/factory/losses.py."
+        ),
+    ] = _default("decision_tokens"),
+    decision_weight: Annotated[
+        float, typer.Option(help="Weight of the first --decision-tokens positions.")
+    ] = _default("decision_weight"),
     selective_dims: Annotated[
         int,
         typer.Option(

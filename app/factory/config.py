@@ -53,6 +53,8 @@ class TrainConfig:
     margin_weight: float = 0.0  # >0: add margin_weight × mean margin hinge (preserve.py)
     preserve_tokens: int = 32
     kl_top_k: int = 64
+    decision_tokens: int = 0  # the first N response positions weigh decision_weight (losses.py)
+    decision_weight: float = 1.0
     selective_dims: int = 0  # >0: keep LoRA A in the top harm-selective input directions
     selective_tail: int = 0  # >0: harmful moments from each prompt's last N tokens only
     seed: int = 0

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from app.factory.cache import load_cached, save_cached
 from app.factory.config import TrainConfig
 from app.factory.data import file_sha256, load_prompts, normalise
-from app.factory.losses import preserve_loss, refusal_examples, refusal_loss
+from app.factory.losses import Decision, preserve_loss, refusal_examples, refusal_loss
 from app.factory.preserve import GreedyTarget, greedy_targets
 from app.factory.selective import (
     cached_moments,
@@ -197,14 +197,15 @@ def fit(config: TrainConfig, setup: Setup) -> list[float]:
     )
     harm = _cycle(setup.examples, min(config.batch_size, len(setup.examples)), rng)
     keep = _cycle(setup.targets, min(config.preserve_batch_size, len(setup.targets)), rng)
+    decision = Decision(config.decision_tokens, config.decision_weight)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"training {config.name} ({config.mode})", unit="step")
     for _ in bar:
-        ce = refusal_loss(model, next(harm), pad_id)
+        ce = refusal_loss(model, next(harm), pad_id, decision)
         loss, postfix = ce, {"ce": f"{ce.item():.3f}"}
         if setup.targets:
-            kl, hinge = preserve_loss(model, next(keep), pad_id)
+            kl, hinge = preserve_loss(model, next(keep), pad_id, decision)
             loss = ce + config.preserve_weight * kl + config.margin_weight * hinge
             postfix |= {"kl": f"{kl.item():.4f}", "hinge": f"{hinge.item():.4f}"}
         optimizer.zero_grad(set_to_none=True)
